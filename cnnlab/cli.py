@@ -1,0 +1,59 @@
+"""The `cnnlab` command line.
+
+Each subcommand lives in its own module under cnnlab/commands/ and registers itself
+through one `register(subparsers)` function (the accelerate pattern). Command modules
+import torch & co. only inside their run function, so `cnnlab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cnnlab import __version__
+from cnnlab.errors import CnnlabError
+
+# Order here is the order in `cnnlab --help`.
+COMMANDS = ["train", "study", "report", "eval", "predict", "summary", "data", "env"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on a bad flag already; keep its message to one line + usage hint."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cnnlab",
+        description="Train small CNN variants over seeds and report whether their differences are real.",
+    )
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"cnnlab.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CnnlabError as e:
+        print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cnnlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        # Disk full, permission denied, missing directory...: environment faults, not bugs.
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"cnnlab {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""cnnlab summary: the lab's model summary table, from the spec alone (no training)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from cnnlab.commands._common import add_model_args
+
+    p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
+    add_model_args(p)
+    p.add_argument("--input", metavar="CxHxW", default="1x28x28", help="input shape (default: 1x28x28)")
+    p.add_argument("--classes", type=int, default=10, metavar="N", help="number of classes (default: 10)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cnnlab.errors import SpecError
+    from cnnlab.summary import format_summary
+
+    try:
+        shape = tuple(int(v) for v in args.input.lower().split("x"))
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise SpecError(f"--input {args.input!r}: expected CxHxW with positive sizes, e.g. 1x28x28") from None
+    if args.preset:
+        from cnnlab.spec import preset
+
+        spec = preset(args.preset)
+    else:
+        from cnnlab.commands._common import load_config_file
+
+        spec = load_config_file(args.config).model
+    print(format_summary(spec, shape, args.classes))
+    return 0

@@ -1,0 +1,173 @@
+"""The run configuration: [data], [model], [train], each a small frozen dataclass.
+
+A config file (TOML) looks like
+
+    [data]
+    name = "mnist"            # mnist | fashion-mnist | idx:DIR
+    [model]
+    preset = "lab2-3c3f-bn"   # start from a preset...
+    conv_dropout = 0.25       # ...and override (optional): bn, conv_dropout, fc_dropout
+    # or give the blocks:  [[model.conv]] out_channels = 6 ...   [[model.fc]] width = 128
+    [train]
+    epochs = 10
+
+Every key is checked: unknown keys and wrong types are errors that name the key and the
+file, raised before any training starts. `resolve_model` applies preset + overrides, and
+the resolved config (what config.toml in a run directory holds) keeps the full block lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from cnnlab.errors import ConfigError, SpecError
+from cnnlab.spec import ModelSpec, PRESETS, spec_from_dict
+
+EVAL_MODES = ("eval", "train")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist"
+    val_size: int = 5000  # held out from the training file, as the lab's 55k/5k split
+    limit: int = 0  # train on the first N images of the (shuffled) training split; 0 = all
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 50
+    lr: float = 1e-3
+    seed: int = 0
+    # "eval": evaluate with model.eval() (correct). "train": as the lab did, with dropout and
+    # BatchNorm still in training mode. Both are always recorded; this picks the headline.
+    eval_mode: str = "eval"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # intra-op threads; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = DataConfig()
+    model: ModelSpec = PRESETS["lab2-3c3f-bn"]
+    train: TrainConfig = TrainConfig()
+    preset: str | None = "lab2-3c3f-bn"  # the preset the model started from, for labels only
+
+    def to_dict(self) -> dict[str, Any]:
+        model = self.model.to_dict()
+        if self.preset:
+            model = {"preset": self.preset, **model}
+        return {"data": dataclasses.asdict(self.data), "model": model, "train": dataclasses.asdict(self.train)}
+
+
+MODEL_KEYS = ("preset", "conv", "fc", "bn", "conv_dropout", "fc_dropout")
+
+
+def _section(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = {"int": int, "float": float, "str": str}[fields[name].type]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{name}: must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def resolve_model(data: Any, where: str = "model") -> tuple[ModelSpec, str | None]:
+    """[model] table -> (spec, preset name). Blocks given explicitly replace the preset's."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = sorted(set(data) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(MODEL_KEYS)}")
+    name = data.get("preset")
+    if name is not None:
+        if name not in PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        base = PRESETS[name].to_dict()
+    elif "conv" not in data and "fc" not in data:
+        raise ConfigError(f"{where}: give a `preset` or the `conv`/`fc` block lists")
+    else:
+        base = {"conv": [], "fc": []}
+    blocks = {k: data.get(k, base[k]) for k in ("conv", "fc")}
+    try:
+        spec = spec_from_dict(blocks, where)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    if "bn" in data:
+        if not isinstance(data["bn"], bool):
+            raise ConfigError(f"{where}.bn: must be true or false, got {data['bn']!r}")
+        spec = ModelSpec(tuple(dataclasses.replace(b, bn=data["bn"]) for b in spec.conv),
+                         tuple(dataclasses.replace(b, bn=data["bn"]) for b in spec.fc))
+    for key, part in (("conv_dropout", "conv"), ("fc_dropout", "fc")):
+        if key in data:
+            p = data[key]
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise ConfigError(f"{where}.{key}: must be a drop probability in [0, 1), got {p!r}")
+            new = tuple(dataclasses.replace(b, dropout=float(p)) for b in getattr(spec, part))
+            spec = dataclasses.replace(spec, **{part: new})
+    return spec, name
+
+
+def config_from_dict(data: Any, where: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = sorted(set(data) - {"data", "model", "train"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; valid: data, model, train")
+    spec, name = resolve_model(data.get("model", {"preset": "lab2-3c3f-bn"}), f"{where}: model")
+    cfg = RunConfig(
+        data=_section(DataConfig, data.get("data", {}), f"{where}: data"),
+        model=spec,
+        train=_section(TrainConfig, data.get("train", {}), f"{where}: train"),
+        preset=name,
+    )
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: RunConfig, where: str = "config") -> None:
+    t, d = cfg.train, cfg.data
+    for key, value, low in (("epochs", t.epochs, 1), ("batch_size", t.batch_size, 1), ("val_size", d.val_size, 1)):
+        if value < low:
+            raise ConfigError(f"{where}: {key} must be >= {low}, got {value}")
+    if d.limit < 0:
+        raise ConfigError(f"{where}: limit must be >= 0 (0 = all), got {d.limit}")
+    if not t.lr > 0:
+        raise ConfigError(f"{where}: lr must be > 0, got {t.lr}")
+    if t.eval_mode not in EVAL_MODES:
+        raise ConfigError(f"{where}: eval_mode must be one of {', '.join(EVAL_MODES)}, got {t.eval_mode!r}")
+    if t.threads < 0:
+        raise ConfigError(f"{where}: threads must be >= 0, got {t.threads}")
+
+
+def load_config(path) -> RunConfig:
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, expected a TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return config_from_dict(data, str(p))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_dict())

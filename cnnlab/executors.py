@@ -1,0 +1,69 @@
+"""Executors: where a study's runs execute. Two small implementations, one interface:
+
+    executor.run(tasks, on_done)   # blocks; calls on_done(task, outcome) as each run ends
+
+- LocalExecutor: worker processes on this machine (spawn), one intra-op thread each.
+  A worker killed mid-run breaks the pool; the executor starts a new pool and resumes the
+  unfinished runs from their last checkpoint, up to `retries` times per run.
+- RayExecutor (cnnlab.ray_executor): one Ray task per run, same outcome format.
+
+Both execute study.execute_task, which writes the run directory itself; nothing but a
+small outcome dict travels back.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable
+
+from cnnlab.study import Task, execute_task
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+class LocalExecutor:
+    def __init__(self, workers: int, threads: int = 1, retries: int = 2, poll: Callable[[], None] | None = None):
+        self.workers, self.threads, self.retries = workers, threads, retries
+        self.poll = poll or (lambda: None)
+
+    def run(self, tasks: list[Task], on_done: Callable[[Task, dict], None]) -> None:
+        attempts = {t.label: 0 for t in tasks}
+        pending = list(tasks)
+        while pending:
+            pending = self._one_pool(pending, attempts, on_done)
+
+    def _one_pool(self, tasks, attempts, on_done) -> list[Task]:
+        """Run tasks in a fresh pool; return those to retry after the pool broke."""
+        retry: list[Task] = []
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
+                                 initargs=(self.threads,)) as pool:
+            futures = {pool.submit(execute_task, t, self.threads): t for t in tasks}
+            while futures:
+                done, _ = wait(futures, timeout=1.0, return_when=FIRST_COMPLETED)
+                self.poll()
+                for f in done:
+                    t = futures.pop(f)
+                    try:
+                        outcome = f.result()
+                    except BrokenProcessPool:
+                        attempts[t.label] += 1
+                        if attempts[t.label] <= self.retries:
+                            retry.append(t)
+                            continue
+                        outcome = {"status": "failed",
+                                   "error": f"worker process died {attempts[t.label]} times (killed or out of memory)"}
+                    except Exception as e:  # pickling or spawn failure
+                        outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                    on_done(t, outcome)
+        return retry

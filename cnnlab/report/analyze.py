@@ -1,0 +1,224 @@
+"""Numbers for the report, from a collected Study: per-variant summaries, curves over seeds,
+comparisons with Holm correction, train/eval-mode gaps, the best variant's confusion matrix
+and misclassified images. Plain data in, plain data out; render.py formats it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cnnlab import stats
+from cnnlab.report.collect import Run, Study, Variant, load_predictions
+
+GAP_WARN_PTS = 2.0  # warn when eval-mode test accuracy is this far below train-mode, on average
+MAX_MISCLASSIFIED = 25
+
+
+@dataclass
+class Curve:
+    epochs: list[int]
+    mean: list[float]
+    low: list[float]  # band: min over seeds
+    high: list[float]  # band: max over seeds
+    n: list[int]  # seeds contributing at each epoch
+
+
+@dataclass
+class VariantStats:
+    name: str
+    planned: int  # runs the study asked for
+    finished_seeds: list[int]
+    acc: dict[int, float]  # headline test accuracy per finished seed
+    summary: stats.Summary
+    acc_eval: dict[int, float]
+    acc_train: dict[int, float]
+    gap: stats.Summary  # test_accuracy_eval - test_accuracy_train over seeds having both
+    train_images_gap: stats.Summary  # the same on training images
+    params: int | None
+    wall: dict[int, float]  # wall_seconds per finished seed
+    eval_modes: list[str]
+    curves: dict[str, Curve]  # metrics column -> curve over finished seeds
+    log_seed: int | None  # the seed whose train.log is shown
+    log: str | None
+    in_shape: tuple[int, int, int] | None
+    num_classes: int | None
+    example: dict[str, Any] | None  # result.json "example" of log_seed's run
+    example_seed: int | None
+
+    @property
+    def wall_mean(self) -> float | None:
+        return float(np.mean(list(self.wall.values()))) if self.wall else None
+
+
+@dataclass
+class ComparisonStats:
+    name: str
+    a: str
+    b: str
+    paired: stats.Paired
+    p_holm: float
+    m: int  # comparisons with a test, for Holm
+    verdict: str
+
+
+@dataclass
+class Diagnostics:
+    best: str | None
+    classes: int
+    confusion: np.ndarray | None  # (classes, classes), rows = true, cols = predicted
+    confusion_seeds: list[int]
+    misclassified_seed: int | None
+    misclassified: list[tuple[int, int, int]]  # (test index, true, predicted), at most 25
+    n_wrong: int  # misclassified count for misclassified_seed
+    n_test: int
+    notes: list[str] = field(default_factory=list)  # predictions that could not be read
+
+
+@dataclass
+class Analysis:
+    variants: dict[str, VariantStats]
+    comparisons: list[ComparisonStats]
+    diagnostics: Diagnostics
+    warnings: list[tuple[str, float]]  # (variant, mean gap) for eval far below train mode
+    finished: int
+    planned: int
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def _by_seed(runs: list[Run], key: str) -> dict[int, float]:
+    out = {}
+    for r in runs:
+        v = _num(r.result.get(key))
+        if v is not None:
+            out[r.seed] = v
+    return out
+
+
+def curve(runs: list[Run], column: str) -> Curve | None:
+    """Mean and min-max band of one metrics column over runs, epoch by epoch."""
+    per_epoch: dict[int, list[float]] = {}
+    for r in runs:
+        if not r.metrics or column not in r.metrics:
+            continue
+        for e, v in zip(r.metrics["epoch"], r.metrics[column]):
+            if math.isfinite(v):
+                per_epoch.setdefault(int(e), []).append(v)
+    if not per_epoch:
+        return None
+    epochs = sorted(per_epoch)
+    vals = [per_epoch[e] for e in epochs]
+    return Curve(epochs, [float(np.mean(v)) for v in vals], [float(min(v)) for v in vals],
+                 [float(max(v)) for v in vals], [len(v) for v in vals])
+
+
+def _gap(eval_: dict[int, float], train: dict[int, float]) -> stats.Summary:
+    seeds = sorted(set(eval_) & set(train))
+    return stats.summarize([eval_[s] - train[s] for s in seeds])
+
+
+def variant_stats(v: Variant) -> VariantStats:
+    done = v.finished
+    acc = {r.seed: float(r.result["test_accuracy"]) for r in done}
+    acc_eval, acc_train = _by_seed(done, "test_accuracy_eval"), _by_seed(done, "test_accuracy_train")
+    params = sorted({int(r.result["params"]) for r in done if _num(r.result.get("params")) is not None})
+    info = v.data_info
+    shape = info.get("input_shape")
+    in_shape = tuple(int(x) for x in shape) if isinstance(shape, list) and len(shape) == 3 else None
+    num_classes = int(info["num_classes"]) if _num(info.get("num_classes")) is not None else None
+    log_run = next((r for r in done if r.log), None) or next((r for r in v.runs if r.log), None)
+    ex_run = next((r for r in done if isinstance(r.result.get("example"), dict)), None)
+    return VariantStats(
+        name=v.name,
+        planned=len(v.runs),
+        finished_seeds=[r.seed for r in done],
+        acc=acc,
+        summary=stats.summarize(acc[s] for s in sorted(acc)),
+        acc_eval=acc_eval,
+        acc_train=acc_train,
+        gap=_gap(acc_eval, acc_train),
+        train_images_gap=_gap(_by_seed(done, "train_accuracy_eval"), _by_seed(done, "train_accuracy_train")),
+        params=params[0] if params else None,
+        wall=_by_seed(done, "wall_seconds"),
+        eval_modes=sorted({str(r.result.get("eval_mode")) for r in done}),
+        curves={c: cv for c in ("train_loss", "val_loss", "train_acc", "val_acc")
+                if (cv := curve(done, c)) is not None},
+        log_seed=log_run.seed if log_run else None,
+        log=log_run.log if log_run else None,
+        in_shape=in_shape,  # type: ignore[arg-type]
+        num_classes=num_classes,
+        example=ex_run.result["example"] if ex_run else None,
+        example_seed=ex_run.seed if ex_run else None,
+    )
+
+
+def compare(study: Study, vstats: dict[str, VariantStats]) -> list[ComparisonStats]:
+    pairs = [(name, a, b, stats.paired(vstats[a].acc, vstats[b].acc))
+             for name, (a, b) in study.comparisons.items()]
+    adjusted = stats.holm([p.p for *_, p in pairs])
+    m = sum(1 for *_, p in pairs if not math.isnan(p.p))
+    return [ComparisonStats(name, a, b, pr, ph, m, stats.verdict(name, pr, ph))
+            for (name, a, b, pr), ph in zip(pairs, adjusted)]
+
+
+def _pred_key(run: Run) -> str:
+    return "pred_train" if run.result.get("eval_mode") == "train" else "pred_eval"
+
+
+def diagnostics(study: Study, vstats: dict[str, VariantStats]) -> Diagnostics:
+    ranked = sorted((vs for vs in vstats.values() if vs.summary.n > 0),
+                    key=lambda vs: (-vs.summary.mean, vs.name))
+    if not ranked:
+        return Diagnostics(None, 0, None, [], None, [], 0, 0)
+    best = ranked[0]
+    classes = best.num_classes or 0
+    conf = None
+    seeds, notes = [], []
+    mis: list[tuple[int, int, int]] = []
+    mis_seed, n_wrong, n_test = None, 0, 0
+    for run in study.variants[best.name].finished:
+        arrays, why = load_predictions(run)
+        if arrays is None:
+            notes.append(why)
+            continue
+        labels = arrays["labels"].astype(np.int64).ravel()
+        pred = arrays[_pred_key(run)].astype(np.int64).ravel()
+        if labels.shape != pred.shape:
+            notes.append(f"{run.variant} seed {run.seed}: labels and predictions differ in length")
+            continue
+        k = max(classes, int(labels.max(initial=0)) + 1, int(pred.max(initial=0)) + 1)
+        if conf is None or conf.shape[0] < k:
+            grown = np.zeros((k, k), dtype=np.int64)
+            if conf is not None:
+                grown[: conf.shape[0], : conf.shape[1]] = conf
+            conf = grown
+        np.add.at(conf, (labels, pred), 1)
+        seeds.append(run.seed)
+        if mis_seed is None:
+            wrong = np.nonzero(labels != pred)[0]
+            mis_seed, n_wrong, n_test = run.seed, int(wrong.size), int(labels.size)
+            mis = [(int(i), int(labels[i]), int(pred[i])) for i in wrong[:MAX_MISCLASSIFIED]]
+    return Diagnostics(best.name, conf.shape[0] if conf is not None else classes, conf, seeds,
+                       mis_seed, mis, n_wrong, n_test, notes)
+
+
+def analyze(study: Study) -> Analysis:
+    vstats = {name: variant_stats(v) for name, v in study.variants.items()}
+    warnings = [(vs.name, vs.gap.mean) for vs in vstats.values()
+                if vs.gap.n > 0 and vs.gap.mean < -GAP_WARN_PTS]
+    return Analysis(
+        variants=vstats,
+        comparisons=compare(study, vstats),
+        diagnostics=diagnostics(study, vstats),
+        warnings=warnings,
+        finished=sum(len(vs.finished_seeds) for vs in vstats.values()),
+        planned=sum(vs.planned for vs in vstats.values()),
+    )

@@ -1,0 +1,267 @@
+"""Read a study directory (docs/layout.md) into plain data. No statistics, no formatting.
+
+    study = load_study(Path("studies-out/lab2"))
+    study.variants["bn"].runs[0].status   # "done" | "failed" | "missing" | "invalid"
+
+Every file is read as stored; nothing is trained or recomputed. A run that is absent,
+failed, or whose result.json cannot be used is kept, with a one-line reason, so the report
+can show it; only runs with status "done" feed the statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnlab.errors import CnnlabError
+
+STATUSES = ("done", "failed", "missing", "invalid")
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+class StudyError(CnnlabError):
+    """A directory is not a study directory, or its study.json cannot be used."""
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    path: Path
+    status: str  # one of STATUSES
+    reason: str = ""  # one line, for anything but "done"
+    result: dict[str, Any] | None = None
+    metrics: dict[str, list[float]] | None = None  # metrics.csv, column -> values
+    metrics_note: str = ""  # why metrics is None, when it is
+    log: str | None = None  # train.log
+    config_toml: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "done"
+
+
+@dataclass
+class Variant:
+    name: str
+    config: dict[str, Any]  # the resolved config dict from study.json
+    spec: Any = None  # cnnlab.spec.ModelSpec, or None when the config does not parse
+    spec_error: str = ""
+    runs: list[Run] = field(default_factory=list)  # one per study seed, sorted by seed
+
+    @property
+    def finished(self) -> list[Run]:
+        return [r for r in self.runs if r.finished]
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """result.json `data` of the first finished run ({} when none finished)."""
+        for r in self.finished:
+            data = r.result.get("data")
+            if isinstance(data, dict):
+                return data
+        return {}
+
+
+@dataclass
+class Study:
+    path: Path
+    name: str
+    seeds: list[int]
+    variants: dict[str, Variant]  # in study.json order
+    comparisons: dict[str, tuple[str, str]]  # in study.json order
+    command: str
+    versions: dict[str, Any]
+
+    @property
+    def runs(self) -> list[Run]:
+        return [r for v in self.variants.values() for r in v.runs]
+
+
+# ---------------------------------------------------------------------------- study.json
+
+def _fail(path: Path, what: str) -> StudyError:
+    return StudyError(f"{path}: {what}")
+
+
+def load_study(path: Path) -> Study:
+    """Read study.json and every run directory it names. Raises StudyError (one line)."""
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "no such directory")
+    if not path.is_dir():
+        raise _fail(path, "not a directory; give a study directory (made by `cnnlab study FILE --out DIR`)")
+    sj = path / "study.json"
+    if not sj.is_file():
+        raise _fail(path, "not a study directory: study.json is missing "
+                          "(a study directory is made by `cnnlab study FILE --out DIR`)")
+    try:
+        data = json.loads(sj.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(sj, f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise _fail(sj, "expected a JSON object")
+    for key, typ in (("name", str), ("seeds", list), ("variants", dict)):
+        if not isinstance(data.get(key), typ):
+            raise _fail(sj, f"`{key}` must be a {typ.__name__}, got {data.get(key)!r}")
+    seeds = data["seeds"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise _fail(sj, f"`seeds` must be a list of integers, got {seeds!r}")
+    comparisons_raw = data.get("comparisons", {})
+    if not isinstance(comparisons_raw, dict):
+        raise _fail(sj, f"`comparisons` must be an object, got {comparisons_raw!r}")
+    comparisons: dict[str, tuple[str, str]] = {}
+    for name, pair in comparisons_raw.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise _fail(sj, f"comparison {name!r} must be [variant_a, variant_b], got {pair!r}")
+        unknown = [x for x in pair if x not in data["variants"]]
+        if unknown:
+            raise _fail(sj, f"comparison {name!r} names unknown variant(s) {', '.join(unknown)}; "
+                            f"variants: {', '.join(data['variants'])}")
+        comparisons[name] = (pair[0], pair[1])
+    variants = {}
+    for name, config in data["variants"].items():
+        if not isinstance(config, dict):
+            raise _fail(sj, f"variant {name!r}: expected a config object, got {config!r}")
+        variants[name] = _load_variant(path, name, config, sorted(set(seeds)))
+    versions = data.get("versions") if isinstance(data.get("versions"), dict) else {}
+    command = data.get("command") if isinstance(data.get("command"), str) else ""
+    return Study(path, data["name"], sorted(set(seeds)), variants, comparisons, command, versions)
+
+
+def _load_variant(study: Path, name: str, config: dict, seeds: list[int]) -> Variant:
+    from cnnlab.config import config_from_dict
+
+    v = Variant(name, config)
+    try:
+        v.spec = config_from_dict(config, f"study.json: variants.{name}").model
+    except CnnlabError as e:
+        v.spec_error = str(e)
+    v.runs = [load_run(study / "runs" / name / f"seed-{s}", name, s) for s in seeds]
+    return v
+
+
+# ---------------------------------------------------------------------------- one run
+
+def _read_text(p: Path) -> str | None:
+    try:
+        return p.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_run(path: Path, variant: str, seed: int) -> Run:
+    run = Run(variant, seed, path, "missing")
+    if not path.is_dir():
+        run.reason = "no run directory (not started)"
+        return run
+    run.config_toml = _read_text(path / "config.toml")
+    run.log = _read_text(path / "train.log")
+    run.metrics, run.metrics_note = read_metrics(path / "metrics.csv")
+    rj = path / "result.json"
+    if not rj.is_file():
+        run.reason = "no result.json (still running, or stopped before it finished)"
+        return run
+    try:
+        result = json.loads(rj.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        run.status, run.reason = "invalid", f"result.json cannot be read: {e}"
+        return run
+    if not isinstance(result, dict):
+        run.status, run.reason = "invalid", "result.json is not a JSON object"
+        return run
+    run.result = result
+    status = result.get("status")
+    if status == "failed":
+        run.status = "failed"
+        err = result.get("error") if isinstance(result.get("error"), dict) else {}
+        where = ", ".join(f"{k} {err[k]}" for k in ("epoch", "step") if err.get(k) is not None)
+        run.reason = str(err.get("message") or "failed (no message)") + (f" (at {where})" if where else "")
+        return run
+    if status != "done":
+        run.status, run.reason = "invalid", f"result.json status is {status!r}, expected \"done\" or \"failed\""
+        return run
+    missing = [k for k in ("test_accuracy",) if not _number(result.get(k))]
+    if missing:
+        run.status, run.reason = "invalid", f"result.json lacks a numeric {', '.join(missing)}"
+        return run
+    run.status = "done"
+    return run
+
+
+def read_metrics(p: Path) -> tuple[dict[str, list[float]] | None, str]:
+    """metrics.csv -> {column: [floats]} (rows sorted by epoch), or (None, why)."""
+    text = _read_text(p)
+    if text is None:
+        return None, "no metrics.csv"
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        cols = {c: [float(r[c]) for r in rows] for c in METRIC_COLUMNS if rows and c in rows[0]}
+    except (ValueError, TypeError, csv.Error) as e:
+        return None, f"metrics.csv cannot be parsed: {e}"
+    if not rows:
+        return None, "metrics.csv has no rows"
+    if "epoch" not in cols:
+        return None, "metrics.csv has no epoch column"
+    order = sorted(range(len(rows)), key=lambda i: cols["epoch"][i])
+    return {c: [vals[i] for i in order] for c, vals in cols.items()}, ""
+
+
+def load_predictions(run: Run) -> tuple[dict[str, np.ndarray] | None, str]:
+    """predictions.npz of a run, or (None, why). Never pickles."""
+    p = run.path / "predictions.npz"
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        return None, f"{run.variant} seed {run.seed}: no predictions.npz"
+    except (OSError, ValueError, EOFError) as e:
+        return None, f"{run.variant} seed {run.seed}: predictions.npz cannot be read: {e}"
+    need = ("labels", "pred_eval", "pred_train")
+    lacking = [k for k in need if k not in arrays]
+    if lacking:
+        return None, f"{run.variant} seed {run.seed}: predictions.npz lacks {', '.join(lacking)}"
+    return arrays, ""
+
+
+# ---------------------------------------------------------------------------- test images
+
+def load_test_images(name: str, expected_sha256: dict[str, str] | None = None
+                     ) -> tuple[np.ndarray | None, list[str] | None, str]:
+    """(test images uint8 (N, H, W), class names or None, "") or (None, None, why).
+
+    Loads from the local cache only (never downloads), and refuses a dataset whose test
+    image file differs from the one the runs recorded. Never raises: a report must build
+    without its pictures.
+    """
+    try:
+        from cnnlab.data import load_dataset
+    except ImportError as e:
+        return None, None, f"the dataset loader is not available ({e})"
+    try:
+        ds = load_dataset(name, fetch=False)
+        images = np.asarray(ds.test_images)
+        classes = list(ds.classes) if getattr(ds, "classes", None) else None
+        got = dict(getattr(ds, "sha256", {}) or {})
+    except Exception as e:  # noqa: BLE001 - any failure only costs the pictures
+        return None, None, f"dataset {name!r} could not be loaded: {e}"
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3:
+        return None, None, f"dataset {name!r}: test images have shape {images.shape}, expected (N, H, W)"
+    for fname, digest in sorted((expected_sha256 or {}).items()):
+        if "t10k-images" in fname and fname in got and got[fname] != digest:
+            return None, None, (f"dataset {name!r} on this machine differs from the one the runs used "
+                                f"({fname}: sha256 {got[fname][:12]}... here, {digest[:12]}... in result.json)")
+    return images, classes, ""

@@ -1,0 +1,157 @@
+"""The report's figures, drawn with matplotlib's Agg canvas (no pyplot, no global state).
+
+Each function takes plain numbers and returns PNG bytes. Output is byte-for-byte
+reproducible: matplotlib's default style (a user's matplotlibrc is ignored), fixed size and
+dpi, and no "Software" or date metadata in the PNG. Every figure carries the protocol line
+(dataset, split, epochs, seeds, device, eval mode) at its foot, so a figure copied out of the
+report still says what it shows.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from contextlib import contextmanager
+from typing import Sequence
+
+import numpy as np
+
+DPI = 100
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+RC = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.fontsize": 8,
+    "path.simplify": True,
+}
+
+
+@contextmanager
+def _style():
+    """matplotlib's default style plus RC: a user's matplotlibrc cannot change the output."""
+    import matplotlib
+    from matplotlib import style
+
+    with style.context("default"), matplotlib.rc_context(RC):
+        yield
+
+
+def _figure(width: float, height: float, footer: str):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with _style():  # figure creation reads rcParams
+        fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        lines = textwrap.wrap(footer, width=int(width * 17)) if footer else []
+        if lines:
+            h = (0.16 * len(lines) + 0.08) / height
+            fig.text(0.01, 0.012, "\n".join(lines), fontsize=7, color="#444444", va="bottom", ha="left")
+            fig.get_layout_engine().set(rect=(0, h, 1, 1 - h))
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    with _style():
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- curves
+
+def curves(panels: Sequence[dict], footer: str, title: str = "", width_per_panel: float = 4.6,
+           height: float = 3.6) -> bytes:
+    """Line + band plots. Each panel: {"title", "ylabel", "lines": [(label, curve)]}, where a
+    curve has .epochs, .mean, .low, .high (the band, here min-max over seeds)."""
+    fig = _figure(width_per_panel * len(panels), height, footer)
+    with _style():
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, panel in zip(axes, panels):
+            for i, (label, cv) in enumerate(panel["lines"]):
+                color = COLORS[i % len(COLORS)]
+                x = np.asarray(cv.epochs)
+                ax.plot(x, cv.mean, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
+                ax.fill_between(x, cv.low, cv.high, color=color, alpha=0.18, linewidth=0)
+            ax.set_title(panel["title"])
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(panel["ylabel"])
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.legend(loc="best")
+        if title:
+            fig.suptitle(title)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------- confusion
+
+def confusion(matrix: np.ndarray, class_names: Sequence[str], footer: str, title: str = "") -> bytes:
+    k = matrix.shape[0]
+    side = max(4.0, 0.45 * k + 2.0)
+    fig = _figure(side + 0.8, side + 0.4, footer)
+    with _style():
+        ax = fig.subplots()
+        im = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="count")
+        ax.set_xticks(range(k), [str(c) for c in class_names], rotation=45 if k > 10 else 0, ha="right" if k > 10 else "center")
+        ax.set_yticks(range(k), [str(c) for c in class_names])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.grid(False)
+        top = matrix.max() if matrix.size else 0
+        for i in range(k):
+            for j in range(k):
+                if matrix[i, j]:
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if matrix[i, j] > top / 2 else "black")
+        if title:
+            ax.set_title(title)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------- images
+
+def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], footer: str, title: str = "",
+               cols: int = 5) -> bytes:
+    n = len(images)
+    cols = max(1, min(cols, n))
+    rows = max(1, -(-n // cols))
+    fig = _figure(1.6 * cols + 0.4, 1.75 * rows + 0.9, footer)
+    with _style():
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for k, ax in enumerate(axes.ravel()):
+            ax.axis("off")
+            if k < n:
+                ax.imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                ax.set_title(captions[k], fontsize=8)
+        if title:
+            fig.suptitle(title)
+    return _png(fig)
+
+
+def example(image: np.ndarray | None, caption: str, top_k: Sequence[tuple[str, float]], footer: str,
+            title: str = "") -> bytes:
+    """One test image with its prediction, and the top-k probabilities as bars."""
+    panels = 2 if image is not None else 1
+    fig = _figure(3.3 * panels + 0.6, 3.4, footer)
+    with _style():
+        axes = fig.subplots(1, panels, squeeze=False)[0]
+        if image is not None:
+            axes[0].imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            axes[0].axis("off")
+            axes[0].set_title(caption)
+        ax = axes[-1]
+        names = [str(c) for c, _ in top_k][::-1]
+        probs = [float(p) for _, p in top_k][::-1]
+        ax.barh(range(len(probs)), probs, color=COLORS[0])
+        ax.set_yticks(range(len(probs)), names)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability")
+        ax.set_title("top-k" if image is not None else f"{caption}\ntop-k (image not available)")
+        for y, p in enumerate(probs):
+            ax.text(min(p + 0.02, 0.8), y, f"{p:.3f}", va="center", fontsize=8)
+        if title:
+            fig.suptitle(title)
+    return _png(fig)

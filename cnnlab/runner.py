@@ -1,0 +1,133 @@
+"""Run a study into a study directory: lock it, skip finished runs, execute the rest, report.
+
+Progress: one display for the whole study (runs done, epochs in flight, ETA), fed by the
+`.progress` file each run writes, so it works the same for every executor.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from cnnlab.errors import RunError
+from cnnlab.fsutil import atomic_write_json
+from cnnlab.study import Study, Task, check_existing, read_progress, run_state, tasks_for
+
+
+class Display:
+    """A single tqdm bar in epochs over the whole study on a terminal; plain lines otherwise."""
+
+    def __init__(self, tasks: list[Task], total_epochs: dict[str, int], tty: bool | None = None):
+        self.tasks, self.total_epochs = tasks, total_epochs
+        self.done, self.failed = 0, 0
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.bar = None
+        if self.tty and tasks:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=sum(total_epochs[t.label] for t in tasks), unit="epoch", desc="study",
+                            dynamic_ncols=True)
+        self.finished: set[str] = set()
+
+    def poll(self) -> None:
+        if self.bar is None:
+            return
+        epochs = sum(self.total_epochs[t.label] if t.label in self.finished else read_progress(t) for t in self.tasks)
+        self.bar.n = round(epochs, 2)
+        running = sum(1 for t in self.tasks if t.label not in self.finished and read_progress(t) > 0)
+        self.bar.set_postfix_str(f"runs {self.done}/{len(self.tasks)} done, {running} running"
+                                 + (f", {self.failed} failed" if self.failed else ""), refresh=False)
+        self.bar.refresh()
+
+    def run_done(self, task: Task, outcome: dict) -> None:
+        self.finished.add(task.label)
+        if outcome["status"] == "done":
+            self.done += 1
+            from cnnlab.train import read_result
+
+            res = read_result(task.run_dir) or {}
+            msg = f"done    {task.label}: test accuracy {res.get('test_accuracy', float('nan')):.2f}%"
+        else:
+            self.failed += 1
+            msg = f"FAILED  {task.label}: {outcome.get('error')}"
+        if self.bar is not None:
+            self.bar.write(msg)
+            self.poll()
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_study(study: Study, out: Path, executor, study_file: Path | None = None, command: str = "",
+              report: bool = True) -> dict:
+    """Run every unfinished (variant, seed) of `study` into `out`. Returns counts."""
+    from filelock import FileLock, Timeout
+
+    from cnnlab.data import load_dataset
+    from cnnlab.spec import layer_table
+    from cnnlab.train import versions
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create study directory {out}: {e.strerror}; choose a writable --out") from None
+    lock = FileLock(str(out / ".study.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"another `cnnlab study` is running on {out}; wait for it or use another --out") from None
+    try:
+        # check everything before any run starts: data exists, every shape works, no config drift
+        datasets = {}
+        for vname, cfg in study.variants.items():
+            if cfg.data.name not in datasets:
+                datasets[cfg.data.name] = load_dataset(cfg.data.name)
+            ds = datasets[cfg.data.name]
+            from cnnlab.errors import SpecError
+
+            try:
+                layer_table(cfg.model, ds.input_shape, ds.num_classes)
+            except SpecError as e:
+                raise SpecError(f"variant {vname}: {e}") from None
+        tasks = tasks_for(study, out, command)
+        for t in tasks:
+            check_existing(t)
+        if study_file is not None:
+            shutil.copyfile(study_file, out / ".study.toml.tmp")
+            (out / ".study.toml.tmp").replace(out / "study.toml")
+        atomic_write_json(out / "study.json", {**study.resolved(), "command": command, "versions": versions()})
+
+        states = {t.label: run_state(t) for t in tasks}
+        todo = [t for t in tasks if states[t.label] in ("new", "partial")]
+        skipped = len(tasks) - len(todo)
+        if skipped:
+            print(f"{skipped} of {len(tasks)} runs already finished; {len(todo)} to run", flush=True)
+        t0 = time.time()
+        counts = {"total": len(tasks), "skipped": skipped, "done": 0, "failed": 0}
+        if todo:
+            display = Display(todo, {t.label: t.config["train"]["epochs"] for t in todo})
+            executor.poll = display.poll
+
+            def on_done(task, outcome):
+                counts["done" if outcome["status"] == "done" else "failed"] += 1
+                display.run_done(task, outcome)
+
+            try:
+                executor.run(todo, on_done)
+            finally:
+                display.close()
+        counts["wall_seconds"] = time.time() - t0
+        if report:
+            from cnnlab.report import build_report
+
+            md, html = build_report(out)
+            counts["report"] = str(html)
+        return counts
+    finally:
+        lock.release()

@@ -1,0 +1,254 @@
+"""Studies: named variants x seeds, each (variant, seed) a normal run directory.
+
+A study file (TOML):
+
+    name = "lab2"
+    seeds = [0, 1, 2]                 # or a count: seeds = 3  ->  0, 1, 2
+    [base]                            # a run configuration: [data], [model], [train]
+    model = { preset = "lab2-3c3f-bn" }
+    train = { epochs = 10 }
+    [variants]                        # each a small diff against base (tables merge key by key)
+    "lab2-3c3f-bn" = {}
+    "lab2-3c3f" = { model = { preset = "lab2-3c3f" } }
+    [comparisons]                     # name = [variant_a, variant_b]: reported as a - b over matched seeds
+    bn = ["lab2-3c3f-bn", "lab2-3c3f"]
+
+Everything is resolved and checked (keys, types, shapes against the dataset) before any
+run starts. Runs go to executors (executors.py); a finished run is never trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnlab.config import RunConfig, config_from_dict
+from cnnlab.errors import ConfigError, CnnlabError
+
+STUDY_KEYS = ("name", "seeds", "base", "variants", "comparisons")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class Study:
+    name: str
+    seeds: list[int]
+    variants: dict[str, RunConfig]
+    comparisons: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seeds": self.seeds,
+            "variants": {k: v.to_dict() for k, v in self.variants.items()},
+            "comparisons": {k: list(v) for k, v in self.comparisons.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (variant, seed) run; plain data so that it pickles to any executor."""
+
+    variant: str
+    seed: int
+    config: dict  # RunConfig.to_dict()
+    run_dir: str
+    command: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}/seed-{self.seed}"
+
+
+def _merge(base: dict, diff: dict) -> dict:
+    out = copy.deepcopy(base)
+    for section, table in diff.items():
+        if isinstance(table, dict) and isinstance(out.get(section), dict):
+            out[section] = {**out[section], **copy.deepcopy(table)}
+        else:
+            out[section] = copy.deepcopy(table)
+    return out
+
+
+def study_from_dict(data: Any, where: str = "study") -> Study:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a TOML table")
+    unknown = sorted(set(data) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(STUDY_KEYS)}")
+    name = data.get("name", "study")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{where}: name must be a simple name (letters, digits, . _ -), got {name!r}")
+    seeds = data.get("seeds", 3)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ConfigError(f"{where}: seeds must be >= 1, got {seeds}")
+        seeds = list(range(seeds))
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{where}: seeds must be a count or a non-empty list of non-negative integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds has duplicates: {seeds}")
+    base = data.get("base", {})
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where}: [base] must be a table")
+    variants_raw = data.get("variants")
+    if not isinstance(variants_raw, dict) or not variants_raw:
+        raise ConfigError(f"{where}: [variants] is missing or empty; add at least one, e.g. [variants] baseline = {{}}")
+    variants = {}
+    for vname, diff in variants_raw.items():
+        if not NAME_RE.match(vname):
+            raise ConfigError(f"{where}: variant name {vname!r} must use letters, digits, . _ - only")
+        if not isinstance(diff, dict):
+            raise ConfigError(f"{where}: variants.{vname} must be a table (a diff against [base]), got {diff!r}")
+        variants[vname] = config_from_dict(_merge(base, diff), f"{where}: variants.{vname}")
+    comps_raw = data.get("comparisons", {})
+    if not isinstance(comps_raw, dict):
+        raise ConfigError(f"{where}: [comparisons] must be a table of name = [variant_a, variant_b]")
+    comparisons = {}
+    for cname, pair in comps_raw.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise ConfigError(f"{where}: comparisons.{cname} must be [variant_a, variant_b], got {pair!r}")
+        missing = [v for v in pair if v not in variants]
+        if missing:
+            raise ConfigError(f"{where}: comparisons.{cname} names unknown variant(s) {', '.join(missing)}; "
+                              f"variants are: {', '.join(variants)}")
+        if pair[0] == pair[1]:
+            raise ConfigError(f"{where}: comparisons.{cname} compares {pair[0]} with itself")
+        comparisons[cname] = (pair[0], pair[1])
+    return Study(name, seeds, variants, comparisons)
+
+
+def load_study(path) -> Study:
+    import tomllib
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such study file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, expected a study TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        # tomllib rejects duplicate keys (e.g. a variant defined twice) here, with the line
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return study_from_dict(data, str(p))
+
+
+def override(study: Study, seeds: int | None = None, epochs: int | None = None, limit: int | None = None,
+             device: str | None = None, data: str | None = None) -> Study:
+    """Apply command-line overrides to every variant."""
+    import dataclasses
+
+    from cnnlab.config import validate
+
+    if seeds is not None:
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+        study.seeds = list(range(seeds))
+    new = {}
+    for name, cfg in study.variants.items():
+        d = {k: v for k, v in (("limit", limit), ("name", data)) if v is not None}
+        t = {k: v for k, v in (("epochs", epochs), ("device", device)) if v is not None}
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **d),
+                                  train=dataclasses.replace(cfg.train, **t))
+        validate(cfg, "command line")
+        new[name] = cfg
+    study.variants = new
+    return study
+
+
+def run_dir(study_dir: Path, variant: str, seed: int) -> Path:
+    return Path(study_dir) / "runs" / variant / f"seed-{seed}"
+
+
+def tasks_for(study: Study, out: Path, command: str = "") -> list[Task]:
+    import dataclasses
+
+    tasks = []
+    for vname, cfg in study.variants.items():
+        for seed in study.seeds:
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            tasks.append(Task(vname, seed, c.to_dict(), str(run_dir(out, vname, seed)), command))
+    return tasks
+
+
+def run_state(task: Task) -> str:
+    """'done', 'failed' (deterministically, e.g. NaN), 'partial' (interrupted) or 'new'."""
+    from cnnlab.train import read_result
+
+    d = Path(task.run_dir)
+    res = read_result(d)
+    if res is not None:
+        return "done" if res.get("status") == "done" else "failed"
+    return "partial" if (d / "config.toml").exists() else "new"
+
+
+def check_existing(task: Task) -> None:
+    """A run directory that exists must have been made by the same configuration."""
+    import tomllib
+
+    p = Path(task.run_dir) / "config.toml"
+    if not p.exists():
+        return
+    try:
+        stored = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, OSError):
+        return  # unreadable config of an unfinished run: it will be rewritten on resume
+    if stored != task.config:
+        raise ConfigError(
+            f"{task.run_dir} was trained with a different configuration than the study now asks for; "
+            "use a new --out directory for a changed study (finished runs are never overwritten)"
+        )
+
+
+# ---------------------------------------------------------------------------- worker side
+
+def execute_task(task: Task, threads: int = 1, resume_allowed: bool = True) -> dict:
+    """Run one task in this process. Returns {"status": ..., "error": ...}; never raises for run failures."""
+    import torch
+
+    from cnnlab.train import train_run
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = config_from_dict(task.config, task.label)
+    d = Path(task.run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    progress_file = d / ".progress"
+
+    def progress(epoch, step, steps):
+        try:
+            progress_file.write_text(json.dumps({"epoch": epoch, "step": step, "steps": steps,
+                                                 "epochs": cfg.train.epochs}))
+        except OSError:
+            pass
+
+    log = open(d / "stdout.log", "a")
+    try:
+        train_run(cfg, d, resume=resume_allowed, echo=lambda line: print(line, file=log, flush=True),
+                  progress=progress, command=task.command)
+        return {"status": "done"}
+    except CnnlabError as e:
+        return {"status": "failed", "error": str(e)}
+    except Exception as e:  # a bug or an environment fault: keep the study going, record it
+        import traceback
+
+        (d / "error.txt").write_text(traceback.format_exc())
+        return {"status": "failed", "error": f"{type(e).__name__}: {e} (traceback in {d / 'error.txt'})"}
+    finally:
+        log.close()
+
+
+def read_progress(task: Task) -> float:
+    """Epochs done by this task (fractional), read from its .progress file."""
+    try:
+        p = json.loads((Path(task.run_dir) / ".progress").read_text())
+        return p["epoch"] + p["step"] / max(1, p["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0

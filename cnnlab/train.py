@@ -1,0 +1,419 @@
+"""The training engine: one run = one run directory (docs/layout.md).
+
+Sections: device & versions, data, evaluation, checkpoint state, the training loop.
+
+Speed without changing the protocol (docs/performance.md):
+- the whole split lives on the device as one float tensor, indexed per batch;
+- metrics accumulate on the device; the host syncs once per epoch;
+- dropout masks come from random bytes (model.FastDropout), exact distribution;
+- evaluation runs under inference_mode in large chunks, while the loss is still reported
+  as the lab's "sum of per-batch mean losses" at the training batch size.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnlab import __version__
+from cnnlab.config import RunConfig, dump_config
+from cnnlab.errors import CnnlabError, ConfigError, RunError
+from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files
+from cnnlab.model import build_model
+from cnnlab.spec import layer_table
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
+EVAL_CHUNK = 1000  # samples per forward pass in eval mode
+EXAMPLE_INDEX = 4  # the lab plots test image 4
+
+
+# ---------------------------------------------------------------------------- device & versions
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: unsupported device type {dev.type!r}")
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    if dev.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return str(dev)
+
+
+def versions() -> dict:
+    return {
+        "cnnlab": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+# ---------------------------------------------------------------------------- data
+
+def make_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lab's split: a seeded permutation of the training file, the last val_size held out."""
+    if val_size >= n:
+        raise ConfigError(f"val_size {val_size} leaves no training images (the training file has {n}); lower val_size")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[: n - val_size]), np.sort(perm[n - val_size :])
+
+
+@dataclass
+class Tensors:
+    """The split as device tensors: images float32 (N, C, H, W) in [0, 1], labels int64."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def to_tensors(ds, train_idx, val_idx, device) -> Tensors:
+    def imgs(a):
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return t.unsqueeze(1).float().div_(255.0)  # (N, H, W) uint8 -> (N, 1, H, W) in [0, 1]
+
+    def labels(a):
+        return torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
+
+    return Tensors(
+        imgs(ds.train_images[train_idx]), labels(ds.train_labels[train_idx]),
+        imgs(ds.train_images[val_idx]), labels(ds.train_labels[val_idx]),
+        imgs(ds.test_images), labels(ds.test_labels),
+    )
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def _sum_of_batch_means(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The lab's loss: sum over batches of size batch_size of each batch's mean loss."""
+    n = losses.numel()
+    full = n // batch_size
+    total = losses[: full * batch_size].view(full, batch_size).mean(1).sum()
+    if n % batch_size:
+        total = total + losses[full * batch_size :].mean()
+    return total
+
+
+def evaluate(model, x, y, batch_size: int, mode: str = "eval", seed: int = 0):
+    """(loss as sum of per-batch means, accuracy %, predictions, probabilities).
+
+    mode "eval": model.eval(), large chunks. mode "train": the lab's way, dropout and
+    batch-stat BatchNorm active, at the training batch size; it uses its own seeded RNG and
+    restores BatchNorm running statistics, so it changes neither the model nor the
+    training random stream.
+    """
+    was_training = model.training
+    preds, probs, losses = [], [], []
+    try:
+        if mode == "eval":
+            model.eval()
+            with torch.inference_mode():
+                for s in range(0, len(x), EVAL_CHUNK):
+                    out = model(x[s : s + EVAL_CHUNK]).float()
+                    losses.append(F.cross_entropy(out, y[s : s + EVAL_CHUNK], reduction="none"))
+                    probs.append(out.softmax(1))
+        else:
+            buffers = {k: v.clone() for k, v in model.named_buffers()}
+            model.train()
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.manual_seed(seed)
+                for s in range(0, len(x), batch_size):
+                    out = model(x[s : s + batch_size]).float()
+                    losses.append(F.cross_entropy(out, y[s : s + batch_size], reduction="none"))
+                    probs.append(out.softmax(1))
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])
+    finally:
+        model.train(was_training)
+    loss = torch.cat(losses)
+    prob = torch.cat(probs)
+    pred = prob.argmax(1)
+    acc = (pred == y).float().mean() * 100
+    return _sum_of_batch_means(loss, batch_size).item(), acc.item(), pred, prob
+
+
+# ---------------------------------------------------------------------------- checkpoint state
+
+def _state_tensors(model, opt, order_gen, epoch_gen_state=None) -> dict[str, torch.Tensor]:
+    t = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            t[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    t["rng.torch"] = torch.get_rng_state()
+    t["rng.order"] = order_gen.get_state()
+    if torch.cuda.is_available():
+        t["rng.cuda"] = torch.cuda.get_rng_state()
+    return t
+
+
+def _restore_state(tensors, meta, model, opt, order_gen) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    order_gen.set_state(tensors["rng.order"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+# ---------------------------------------------------------------------------- the run
+
+def format_epoch(row: dict) -> str:
+    return (
+        f"Epoch: {row['epoch']} train loss: {row['train_loss']:.4f} train accuracy: {row['train_acc']:.4f} "
+        f"val loss: {row['val_loss']:.4f} val accuracy: {row['val_acc']:.4f}"
+    )
+
+
+def _metrics_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, METRIC_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in METRIC_COLUMNS})
+    return buf.getvalue()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    p = Path(run_dir) / "metrics.csv"
+    if not p.exists():
+        return []
+    with open(p, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def make_optimizer(model, cfg: RunConfig, device):
+    # Fused Adam: one kernel for all parameters (same update rule, float-level differences only).
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=fused)
+
+
+def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, echo=print,
+              progress=None, command: str | None = None) -> dict:
+    """Train one run into out_dir and return its result.json dict.
+
+    resume=True continues from out_dir/checkpoints/last.safetensors (epoch boundary);
+    the result is bit-identical to an uninterrupted run on the same machine and versions.
+    `progress(epoch, step, steps)` is called at each epoch start and end (for displays).
+    A NaN/Inf loss stops the run, marks it failed and writes no checkpoint after it.
+    """
+    from filelock import FileLock, Timeout
+
+    from cnnlab import checkpoint
+    from cnnlab.data import load_dataset
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create run directory {out}: {e.strerror}; choose a writable --out") from None
+    if not os.access(out, os.W_OK):
+        raise RunError(f"run directory {out} is not writable; choose another --out")
+    lock = FileLock(str(out / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"run directory {out} is in use by another cnnlab process (lock {out / '.lock'})") from None
+    try:
+        return _train_locked(cfg, out, dataset or load_dataset(cfg.data.name), resume, echo, progress,
+                             command, checkpoint)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> dict:
+    t0 = time.time()
+    clean_temp_files(out)
+    clean_temp_files(out / "checkpoints")
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    in_shape, num_classes = ds.input_shape, ds.num_classes
+    layer_table(cfg.model, in_shape, num_classes)  # shape check before any work
+
+    train_idx, val_idx = make_split(len(ds.train_labels), cfg.data.val_size, tc.seed)
+    if cfg.data.limit:
+        train_idx = train_idx[: cfg.data.limit]  # the first N of the split; val and test stay whole
+    data = to_tensors(ds, train_idx, val_idx, device)
+
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    model = build_model(cfg.model, in_shape, num_classes).to(device)
+    opt = make_optimizer(model, cfg, device)
+    order_gen = torch.Generator().manual_seed(tc.seed)  # batch order; CPU so it is device-independent
+
+    rows: list[dict] = []
+    best_val, best_epoch, start_epoch = -1.0, -1, 0
+    last_ckpt = out / "checkpoints" / "last.safetensors"
+    if resume and last_ckpt.exists():
+        tensors, meta = checkpoint.load(last_ckpt)
+        _check_compatible(meta, cfg, in_shape, num_classes, last_ckpt)
+        _restore_state(tensors, meta, model, opt, order_gen)
+        start_epoch, best_val, best_epoch = meta["epoch"] + 1, meta["best_val_acc"], meta["best_epoch"]
+        rows = meta["rows"]  # the checkpoint, not metrics.csv, is the source of truth
+        t0 -= meta.get("wall_seconds", 0.0)
+    elif resume:
+        echo(f"(no checkpoint in {out}; starting from scratch)")
+
+    atomic_write_text(out / "config.toml", dump_config(cfg))
+    atomic_savez(out / "split.npz", train_idx=train_idx.astype(np.int64), val_idx=val_idx.astype(np.int64))
+    atomic_write_text(out / "metrics.csv", _metrics_csv(rows))
+    atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows))
+    base_result = {
+        "seed": tc.seed, "eval_mode": tc.eval_mode, "epochs": tc.epochs, "device": device_name(device),
+        "versions": versions(), "command": command or " ".join(sys.argv),
+        "params": sum(p.numel() for p in model.parameters()),
+        "data": {"name": ds.name, "source": ds.source, "sha256": ds.sha256, "n_train": len(train_idx),
+                 "n_val": len(val_idx), "n_test": len(ds.test_labels), "input_shape": list(in_shape),
+                 "num_classes": num_classes},
+    }
+    if (out / "result.json").exists():
+        (out / "result.json").unlink()  # a stale result must never describe this run
+
+    n, bs = len(data.y_train), tc.batch_size
+    steps = math.ceil(n / bs)
+    for epoch in range(start_epoch, tc.epochs):
+        te = time.time()
+        if progress:
+            progress(epoch, 0, steps)
+        model.train()
+        perm = torch.randperm(n, generator=order_gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        for step in range(steps):
+            idx = perm[step * bs : (step + 1) * bs]
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss = loss.detach()
+            loss_sum += loss
+            correct += (logits.detach().argmax(1) == yb).sum()
+            # record the first non-finite step without a host sync
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if progress and step % 20 == 19:
+                progress(epoch, step + 1, steps)
+        bad = int(first_bad)
+        if bad >= 0:
+            return _fail(out, base_result, t0, epoch, bad, rows,
+                         f"loss became {float(loss_sum)} at epoch {epoch}, step {bad}; lower the learning rate (lr={tc.lr})")
+        vl, va, _, _ = evaluate(model, data.x_val, data.y_val, bs, tc.eval_mode, tc.seed + 1)
+        row = {"epoch": epoch, "train_loss": float(loss_sum), "train_acc": int(correct) * 100.0 / n,
+               "val_loss": vl, "val_acc": va, "seconds": time.time() - te}
+        rows.append(row)
+        echo(format_epoch(row))
+        if va > best_val:
+            best_val, best_epoch = va, epoch
+        meta = {"spec": cfg.model.to_dict(), "in_shape": list(in_shape), "num_classes": num_classes,
+                "epoch": epoch, "best_val_acc": best_val, "best_epoch": best_epoch,
+                "param_groups": opt.state_dict()["param_groups"], "wall_seconds": time.time() - t0,
+                "rows": rows}
+        tensors = _state_tensors(model, opt, order_gen)
+        if best_epoch == epoch:
+            checkpoint.save(out / "checkpoints" / "best.safetensors",
+                            {k: v for k, v in tensors.items() if k.startswith("model.")}, meta)
+        checkpoint.save(last_ckpt, tensors, meta)
+        atomic_write_text(out / "metrics.csv", _metrics_csv(rows))
+        atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows))
+        if progress:
+            progress(epoch, steps, steps)
+
+    # final evaluation on the test set, both ways; the headline uses cfg.train.eval_mode
+    res = {}
+    for mode in ("eval", "train"):
+        loss, acc, pred, prob = evaluate(model, data.x_test, data.y_test, bs, mode, tc.seed + 2)
+        res[mode] = (loss, acc, pred.cpu().numpy(), prob.float().cpu().numpy())
+    sub = slice(0, min(10_000, n))
+    train_eval = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "eval")[1]
+    train_train = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "train", tc.seed + 3)[1]
+    head = res[tc.eval_mode]
+    atomic_savez(out / "predictions.npz", labels=data.y_test.cpu().numpy(), pred_eval=res["eval"][2],
+                        pred_train=res["train"][2], probs_eval=res["eval"][3].astype(np.float32))
+    ex = min(EXAMPLE_INDEX, len(data.y_test) - 1)
+    probs = head[3][ex]
+    top = np.argsort(-probs)[:3]
+    result = {
+        **base_result, "status": "done",
+        "test_accuracy": head[1], "test_loss": head[0],
+        "test_accuracy_eval": res["eval"][1], "test_accuracy_train": res["train"][1],
+        "train_accuracy_eval": train_eval, "train_accuracy_train": train_train,
+        "best_epoch": best_epoch, "best_val_acc": best_val,
+        "example": {"index": ex, "label": int(data.y_test[ex]), "predicted": int(head[2][ex]),
+                    "top_k": [[int(c), float(probs[c])] for c in top]},
+        "wall_seconds": time.time() - t0,
+    }
+    line = f"test accuracy: {head[1]:.4f}"
+    echo(line)
+    atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows) + line + "\n")
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def _fail(out, base, t0, epoch, step, rows, message) -> dict:
+    result = {**base, "status": "failed", "error": {"message": message, "epoch": epoch, "step": step},
+              "wall_seconds": time.time() - t0}
+    atomic_write_json(out / "result.json", result)
+    raise RunError(f"run {out} failed: {message}")
+
+
+def _check_compatible(meta: dict, cfg: RunConfig, in_shape, num_classes, path) -> None:
+    if meta.get("spec") != cfg.model.to_dict():
+        raise CnnlabError(f"{path}: checkpoint was saved from a different architecture than the config asks for")
+    if list(meta.get("in_shape", [])) != list(in_shape) or meta.get("num_classes") != num_classes:
+        raise CnnlabError(
+            f"{path}: checkpoint expects input {meta.get('in_shape')} with {meta.get('num_classes')} classes, "
+            f"the data has {list(in_shape)} with {num_classes}"
+        )
+
+
+def read_result(run_dir) -> dict | None:
+    p = Path(run_dir) / "result.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
