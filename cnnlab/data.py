@@ -620,7 +620,10 @@ def load_dataset(name: str, fetch: bool = True) -> Dataset:
         if len(good) < len(FILES):  # removed under us by another process
             raise DataError(f"{key}: the cache changed while loading: {'; '.join(problems)}")
     folder = cache_dir() / key
-    origins = {o for f, o in _read_origins(folder).items() if f in FILES}
+    origins = set()
+    for f, o in _read_origins(folder).items():
+        if f in FILES:  # ".../dir/train-images-idx3-ubyte.gz" -> ".../dir"
+            origins.add(o.rsplit("/", 1)[0] if o.endswith((f"/{f}", f"/{f}.gz")) else o)
     source = str(folder)
     if origins:
         source += " (fetched from " + ", ".join(sorted(origins)) + ")"
@@ -632,11 +635,11 @@ def dataset_status() -> list[dict]:
     Reads and hashes; changes nothing and fetches nothing."""
     rows = []
     for name in BUILTIN:
-        good, problems = _scan_cache(name, remove_bad=False)
+        _, problems = _scan_cache(name, remove_bad=False)
         folder = cache_dir() / name
         present = [f for f in FILES if _find_file(folder, f) is not None]
         if len(present) == len(FILES):
-            bad = [p for p in problems]
+            bad = list(problems)
             rows.append({"name": name, "where": str(folder), "verified": not bad,
                          "detail": "; ".join(bad) if bad else "cache"})
             continue

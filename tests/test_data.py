@@ -3,14 +3,12 @@ the cache, and the `data` command. Network: only a local HTTP server on 127.0.0.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import http.server
 import os
 import socket
 import sys
-import tarfile
 import threading
 from pathlib import Path
 
