@@ -196,6 +196,25 @@ def _restore_state(tensors, meta, model, opt, order_gen) -> None:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
+# ---------------------------------------------------------------------------- fault injection
+
+def _fault_point() -> tuple[str, int, int] | None:
+    """CNNLAB_FAULT="kill:EPOCH:STEP" or "kill-after-checkpoint:EPOCH:0" makes this process
+    SIGKILL itself there. Used only by the crash-safety tests (tests/test_reliability.py)."""
+    spec = os.environ.get("CNNLAB_FAULT")
+    if not spec:
+        return None
+    kind, epoch, step = spec.split(":")
+    return kind, int(epoch), int(step)
+
+
+def _maybe_die(fault, kind: str, epoch: int, step: int) -> None:
+    if fault is not None and fault == (kind, epoch, step):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------- the run
 
 def format_epoch(row: dict) -> str:
@@ -314,6 +333,7 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
 
     n, bs = len(data.y_train), tc.batch_size
     steps = math.ceil(n / bs)
+    fault = _fault_point()
     for epoch in range(start_epoch, tc.epochs):
         te = time.time()
         if progress:
@@ -338,6 +358,7 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             if progress and step % 20 == 19:
                 progress(epoch, step + 1, steps)
+            _maybe_die(fault, "kill", epoch, step)
         bad = int(first_bad)
         if bad >= 0:
             return _fail(out, base_result, t0, epoch, bad, rows,
@@ -358,6 +379,7 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
             checkpoint.save(out / "checkpoints" / "best.safetensors",
                             {k: v for k, v in tensors.items() if k.startswith("model.")}, meta)
         checkpoint.save(last_ckpt, tensors, meta)
+        _maybe_die(fault, "kill-after-checkpoint", epoch, 0)
         atomic_write_text(out / "metrics.csv", _metrics_csv(rows))
         atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows))
         if progress:
