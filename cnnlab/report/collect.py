@@ -187,7 +187,8 @@ def load_run(path: Path, variant: str, seed: int) -> Run:
         run.status = "failed"
         err = result.get("error") if isinstance(result.get("error"), dict) else {}
         where = ", ".join(f"{k} {err[k]}" for k in ("epoch", "step") if err.get(k) is not None)
-        run.reason = str(err.get("message") or "failed (no message)") + (f" (at {where})" if where else "")
+        message = str(err.get("message") or "failed (no message)")
+        run.reason = message + (f" (at {where})" if where and "epoch" not in message else "")
         return run
     if status != "done":
         run.status, run.reason = "invalid", f"result.json status is {status!r}, expected \"done\" or \"failed\""
