@@ -25,6 +25,7 @@ def atomic_write(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _maybe_die_before_rename(path)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -42,6 +43,24 @@ def atomic_write(path, data: bytes) -> None:
         pass
 
 
+_write_counts: dict[str, int] = {}
+
+
+def _maybe_die_before_rename(path: Path) -> None:
+    """CNNLAB_FAULT_WRITE="NAME:N": SIGKILL this process on the N-th write of a file named NAME,
+    after its temp file is written and before the rename. For tests/test_reliability.py only."""
+    spec = os.environ.get("CNNLAB_FAULT_WRITE")
+    if not spec:
+        return
+    name, n = spec.rsplit(":", 1)
+    if path.name == name:
+        _write_counts[name] = _write_counts.get(name, 0) + 1
+        if _write_counts[name] == int(n):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -52,8 +71,8 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path, obj, sort_keys: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def clean_temp_files(directory) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnlab import fastops
 from cnnlab.spec import ModelSpec, layer_table
 
 
@@ -43,16 +44,8 @@ class FastDropout(nn.Module):
         return f"p={self.p}, mask={'%d-bit' % self.bits if self.bits else 'bernoulli'}"
 
     def mask(self, shape, device, dtype) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n * self.bits // 8
-        # int64 random_ over the full 64-bit range gives 8 uniform bytes per draw.
-        words = torch.empty((nbytes + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None)
-        raw = words.view(torch.uint8)[:nbytes]
-        u = raw if self.bits == 8 else raw.view(torch.int16).to(torch.int32) & 0xFFFF
-        keep = u < self.threshold
-        return keep.view(shape).to(dtype).mul_(self.scale)
+        """The float mask: 1/(1 - p) for a kept unit, 0 for a dropped one."""
+        return fastops.dropout_mask(shape, device, dtype, self.bits, self.threshold, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -62,10 +55,21 @@ class FastDropout(nn.Module):
         return x * self.mask(x.shape, x.device, x.dtype)
 
 
-class Net(nn.Sequential):
-    """conv blocks -> flatten -> fc blocks -> output Linear. Input (B, C, H, W)."""
+FAST_OPS = {"conv", "bn", "pool"}
 
-    def __init__(self, spec: ModelSpec, in_shape: tuple[int, int, int], num_classes: int, fast_dropout: bool = True):
+
+class Net(nn.Sequential):
+    """conv blocks -> flatten -> fc blocks -> output Linear. Input (B, C, H, W).
+
+    With fast=True (the default) forward runs the same layers through cnnlab.fastops on the
+    CPU: the same values and gradients (float rounding aside), cheaper kernels. ReLU followed
+    by a 2x2 max-pool runs as pool-then-ReLU, which is exact: max and ReLU commute, and the
+    gradient reaches the same element. The modules, their parameters and state_dict keys are
+    the plain nn.Sequential's either way.
+    """
+
+    def __init__(self, spec: ModelSpec, in_shape: tuple[int, int, int], num_classes: int,
+                 fast_dropout: bool = True, fast: bool = True):
         rows = layer_table(spec, in_shape, num_classes)
         layers: list[nn.Module] = []
         flattened = False
@@ -76,6 +80,38 @@ class Net(nn.Sequential):
             layers.append(_make(r.kind, r.args, fast_dropout))
         super().__init__(*layers)
         self.spec, self.in_shape, self.num_classes = spec, tuple(in_shape), num_classes
+        self.fast = fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast or x.device.type != "cpu":
+            return super().forward(x)
+        layers = list(self)
+        i, n = 0, len(layers)
+        while i < n:
+            m = layers[i]
+            nxt = layers[i + 1] if i + 1 < n else None
+            if isinstance(m, nn.Conv2d) and "conv" in FAST_OPS and _gemm_conv(m, x):
+                x = fastops.conv2d_gemm(x, m.weight, m.bias, m.stride[0], m.padding[0])
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and "bn" in FAST_OPS and m.training and fastops.can_batch_norm_fast(m):
+                x = fastops.batch_norm_train(x, m)
+            elif isinstance(m, nn.ReLU) and "pool" in FAST_OPS and isinstance(nxt, nn.MaxPool2d) and fastops.is_pool2x2(nxt):
+                x = torch.relu(fastops.max_pool2x2(x))  # = pool(relu(x)), values and gradients
+                i += 1
+            elif isinstance(m, nn.MaxPool2d) and "pool" in FAST_OPS and fastops.is_pool2x2(m):
+                x = fastops.max_pool2x2(x)
+            else:
+                x = m(x)
+            i += 1
+        return x
+
+
+def _gemm_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """im2col + matmul pays for a conv whose input needs no gradient (the first one) while
+    training; its weight gradient is the costly part of torch's CPU conv at these sizes."""
+    return (torch.is_grad_enabled() and conv.weight.requires_grad and not x.requires_grad
+            and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
+            and conv.stride[0] == conv.stride[1] and conv.kernel_size[0] == conv.kernel_size[1])
 
 
 def _make(kind: str, args: dict, fast_dropout: bool) -> nn.Module:
@@ -86,5 +122,5 @@ def _make(kind: str, args: dict, fast_dropout: bool) -> nn.Module:
     return getattr(nn, kind)(**args)
 
 
-def build_model(spec: ModelSpec, in_shape, num_classes: int, fast_dropout: bool = True) -> Net:
-    return Net(spec, tuple(in_shape), num_classes, fast_dropout)
+def build_model(spec: ModelSpec, in_shape, num_classes: int, fast_dropout: bool = True, fast: bool = True) -> Net:
+    return Net(spec, tuple(in_shape), num_classes, fast_dropout, fast)

@@ -27,9 +27,10 @@ from cnnlab.study import Task
 
 NEEDS_EXTRA = "the Ray executor needs the ray extra: pip install 'cnnlab[ray]'"
 SHARED_DIR_HELP = ("--out must be on a file system that every Ray node mounts at the same path "
-                   "(e.g. NFS); see docs/ray.md")
+                   "(e.g. NFS); see the README on Ray clusters")
 # Environment variables of the driver that the workers get (the same data cache path everywhere).
 FORWARD_ENV = ("CNNLAB_DATA",)
+GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
 
 
 def _import_ray():
@@ -68,7 +69,7 @@ def cnnlab_probe(study_dir: str, token_name: str, token: str) -> dict:
     try:
         seen = (d / token_name).read_text()
     except OSError as e:
-        return {"ok": False, "host": host, "why": f"cannot read {d / token_name}: {e.strerror or e}"}
+        return {"ok": False, "host": host, "why": f"cannot read a file the driver wrote there: {e.strerror or e}"}
     if seen != token:
         return {"ok": False, "host": host, "why": f"{d} on this node is another directory than the driver's"}
     reply = d / f"{token_name}.{uuid.uuid4().hex}"
@@ -145,12 +146,27 @@ class RayExecutor:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             kw.update(address="local", num_cpus=self.num_cpus or cores, include_dashboard=False,
                       object_store_memory=128 * 1024**2)
+        # Something that listens at --address but is not a Ray head would keep ray.init retrying
+        # for many minutes (20 tries); one try (about 40 s) is enough to say so.
+        scoped = {GCS_WAIT_ENV: "1"} if self.address and GCS_WAIT_ENV not in os.environ else {}
+        os.environ.update(scoped)
+        # A new local instance turns Ray's token authentication on and says so; keep it on, quietly.
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        auth_level = auth_log.level
+        if not self.address:
+            auth_log.setLevel(logging.ERROR)
         try:
             ray.init(**kw)
-        except (ConnectionError, TimeoutError, RuntimeError, ValueError, OSError) as e:
+        except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError...: all say "cannot connect"
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
             msg = " ".join(str(e).split())[:300]
-            raise RunError(f"cannot connect to {where}: {type(e).__name__}: {msg}") from None
+            hint = "; is it the head's GCS port (6379 by default, as printed by `ray start --head`)?" \
+                if self.address else ""
+            raise RunError(f"cannot connect to {where}: {type(e).__name__}: {msg}{hint}") from None
+        finally:
+            for k in scoped:
+                os.environ.pop(k, None)
+            auth_log.setLevel(auth_level)
         return True
 
     def _probe(self, study_dir: Path) -> None:
@@ -189,8 +205,8 @@ class RayExecutor:
                 if not reply.exists():
                     bad.append(f"{where}: its writes do not show up here")
             if bad:
-                raise RunError(f"study directory {study_dir} is not shared with every Ray node ({'; '.join(bad)}); "
-                               + SHARED_DIR_HELP)
+                raise RunError(f"the study directory {study_dir} is not shared with the Ray workers: "
+                               f"{len(bad)} of {len(nodes)} node(s) cannot use it ({bad[0]}); " + SHARED_DIR_HELP)
         finally:
             for p in [tok, *replies]:
                 try:

@@ -101,7 +101,9 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
         if study_file is not None:
             shutil.copyfile(study_file, out / ".study.toml.tmp")
             (out / ".study.toml.tmp").replace(out / "study.toml")
-        atomic_write_json(out / "study.json", {**study.resolved(), "command": command, "versions": versions()})
+        # not key-sorted: the variants keep the study file's order, which the report follows
+        atomic_write_json(out / "study.json", {**study.resolved(), "command": command, "versions": versions()},
+                          sort_keys=False)
 
         states = {t.label: run_state(t) for t in tasks}
         todo = [t for t in tasks if states[t.label] in ("new", "partial")]

@@ -200,7 +200,9 @@ def _restore_state(tensors, meta, model, opt, order_gen) -> None:
 
 def _fault_point() -> tuple[str, int, int] | None:
     """CNNLAB_FAULT="kill:EPOCH:STEP" or "kill-after-checkpoint:EPOCH:0" makes this process
-    SIGKILL itself there. Used only by the crash-safety tests (tests/test_reliability.py)."""
+    SIGKILL itself there. With CNNLAB_FAULT_ONCE=PATH it fires only while PATH does not
+    exist (it creates PATH just before dying), so a retried run gets through.
+    Used only by the crash-safety tests (tests/test_reliability.py, tests/test_ray.py)."""
     spec = os.environ.get("CNNLAB_FAULT")
     if not spec:
         return None
@@ -209,10 +211,18 @@ def _fault_point() -> tuple[str, int, int] | None:
 
 
 def _maybe_die(fault, kind: str, epoch: int, step: int) -> None:
-    if fault is not None and fault == (kind, epoch, step):
-        import signal
+    if fault is None or fault != (kind, epoch, step):
+        return
+    once = os.environ.get("CNNLAB_FAULT_ONCE")
+    if once:
+        try:
+            fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+        except FileExistsError:
+            return
+    import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------- the run

@@ -91,7 +91,7 @@ def _write_run(run: Path, cfg: dict, seed: int, acc_eval: float, gap: float, rng
     pred[flip] = (labels[flip] + 1 + rng.integers(0, CLASSES - 1, size=wrong)) % CLASSES
     acc_e = 100.0 * float(np.mean(pred == labels))
     pred_train = labels.copy()
-    wrong_t = int(round((1 - (acc_e - gap) / 100) * N_TEST))
+    wrong_t = int(round((1 - (acc_e - gap - rng.normal(0, 0.5)) / 100) * N_TEST))
     pred_train[:wrong_t] = (labels[:wrong_t] + 1) % CLASSES
     acc_t = 100.0 * float(np.mean(pred_train == labels))
     probs = np.full((N_TEST, CLASSES), 0.02, dtype=np.float32)
@@ -243,7 +243,7 @@ def test_every_section_is_there_with_real_numbers(built):
 def test_failed_and_missing_runs_shown_and_excluded(built):
     md = built["text"]
     assert "no-bn seed 2: failed (loss became nan at epoch 2, step 7; lower the learning rate (lr=0.001))" in md
-    assert "2c3f seed 3: missing (no run directory (not started))" in md
+    assert "2c3f seed 3: missing (no run directory: not started)" in md
     rows = {r[0]: r for r in _tables(_section(md, "## Overview"))[0][1:]}
     assert rows["no-bn"][1] == "3" and rows["no-bn"][2] == "1 failed"
     assert rows["2c3f"][1] == "3" and rows["2c3f"][2] == "1 missing"
@@ -277,7 +277,8 @@ def test_comparisons_match_stats_and_holm(built):
     holm = dict(zip(prs, stats.holm([p.p for p in prs.values()])))
     for k, (a, b) in COMPARISONS.items():
         sec = _section(md, f"### {k}: {a} vs {b}")
-        assert stats.verdict(k, prs[k], holm[k]) + "." in sec
+        assert stats.verdict(k, prs[k], holm[k]) in sec
+        assert stats.verdict(k, prs[k], holm[k]) + "." in _section(md, "## Overview")
         assert f"| Holm p (over 3 comparisons)" in sec
         assert stats.format_p(holm[k]) in sec
     # the fake study has one clear difference and one within seed noise
@@ -401,7 +402,7 @@ def test_graph_rendered_with_dot(built):
     rows = layer_table(PRESETS["lab2-3c3f-bn"], (1, *SIZE), CLASSES)
     src = graph.dot_source(rows, (1, *SIZE))
     assert src.count("[label=") == len(rows) + 1  # one node per layer, plus the input
-    assert '"Conv2d-1\\n[6, 16, 16]\\n60 params"' in src
+    assert '"Conv2d-1   [6, 16, 16]   60 params"' in src
 
 
 @pytest.mark.parametrize("how", ["env", "path", "failing"])
@@ -551,6 +552,22 @@ def test_html_escapes_names(tmp_path):
     text = html_path.read_text()
     assert "<b>bn</b>" not in text and "<i>cmp</i>" not in text
     assert "&lt;b&gt;bn&lt;/b&gt; &amp; &quot;x&quot;" in text
+    md = (info["dir"] / "report.md").read_text()
+    assert "<b>" not in md and "### Variant &lt;b>bn&lt;/b> & \"x\"" in md
+
+
+def test_report_with_no_finished_run(tmp_path):
+    """Every run missing or failed: the report still builds and says so, with n = 0."""
+    info = make_study(tmp_path, variants={"bn": VARIANTS["bn"], "no-bn": VARIANTS["no-bn"]}, seeds=[2],
+                      comparisons={"BN vs no BN": ["bn", "no-bn"]})
+    shutil.rmtree(info["dir"] / "runs" / "bn")
+    md = build_report(info["dir"])[0].read_text()
+    assert "0 of 2 runs finished" in md
+    rows = {r[0]: r for r in _tables(_section(md, "## Overview"))[0][1:]}
+    assert rows["bn"][1:3] == ["0", "1 missing"] and rows["no-bn"][1:3] == ["0", "1 failed"]
+    assert "BN vs no BN: no seed finished on both sides, so there is nothing to compare" in md
+    assert "No finished runs: nothing to diagnose." in md
+    assert "(no summary: no finished run records the input shape and number of classes)" in md
 
 
 @pytest.mark.browser

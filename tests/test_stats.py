@@ -166,6 +166,15 @@ def test_verdict_not_distinguishable_says_seeds_needed():
     assert f"about {pr.seeds_needed} seeds would be needed to resolve a difference of this size" in text
 
 
+def test_verdict_borderline_after_holm():
+    # differences 1.0, 1.2, 0.8, 1.1, 0.9: mean 1.0, sd 0.158 -> dz 6.3, 2 seeds would do, p ~ 1e-5;
+    # a Holm p above 0.05 (many comparisons) makes it borderline, not "needs more seeds than it has"
+    pr = stats.paired({i: 10 + d for i, d in enumerate([1.0, 1.2, 0.8, 1.1, 0.9])}, {i: 10.0 for i in range(5)})
+    assert pr.seeds_needed is not None and pr.seeds_needed <= pr.n
+    text = stats.verdict("x", pr, 0.08)
+    assert "not distinguishable" in text and "borderline" in text and "would be needed" not in text
+
+
 def test_verdict_edge_cases():
     assert "1 matched seed: no interval" in stats.verdict("x", stats.paired({0: 1.0}, {0: 0.0}), math.nan)
     assert "nothing to compare" in stats.verdict("x", stats.paired({}, {}), math.nan)

@@ -164,14 +164,14 @@ def _number(x: Any) -> bool:
 def load_run(path: Path, variant: str, seed: int) -> Run:
     run = Run(variant, seed, path, "missing")
     if not path.is_dir():
-        run.reason = "no run directory (not started)"
+        run.reason = "no run directory: not started"
         return run
     run.config_toml = _read_text(path / "config.toml")
     run.log = _read_text(path / "train.log")
     run.metrics, run.metrics_note = read_metrics(path / "metrics.csv")
     rj = path / "result.json"
     if not rj.is_file():
-        run.reason = "no result.json (still running, or stopped before it finished)"
+        run.reason = "no result.json: still running, or stopped before it finished"
         return run
     try:
         result = json.loads(rj.read_text(encoding="utf-8"))

@@ -41,7 +41,8 @@ class Figures:
     confusion: Fig | None = None
     misclassified: Fig | None = None
     misclassified_note: str = ""
-    class_names: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)  # of the best variant's dataset
+    variant_class_names: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, fig: Fig) -> Fig:
         self.all[fig.name] = fig
@@ -59,6 +60,11 @@ def slugs(names, prefix: str) -> dict[str, str]:
         used.add(stem.lower())
         out[name] = stem
     return out
+
+
+def class_label(names: list[str], i: int) -> str:
+    """Class i's name where known, else its number."""
+    return names[i] if 0 <= i < len(names) else str(i)
 
 
 def _class_names(classes: list[str] | None, k: int) -> list[str]:
@@ -127,12 +133,11 @@ def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
         ex = vs.example
         if ex is not None:
             imgs, classes, why = data_of(name)
-            k = vs.num_classes or 0
-            cname = _class_names(classes, max(k, 1 + max([int(c) for c, _ in ex.get("top_k", [])] or [0])))
+            cname = _class_names(classes, vs.num_classes or 0)
+            figs.variant_class_names[name] = cname
             try:
                 idx, label, pred = int(ex["index"]), int(ex["label"]), int(ex["predicted"])
-                top = [(cname[int(c)] if 0 <= int(c) < len(cname) else str(c), float(p))
-                       for c, p in ex.get("top_k", [])]
+                top = [(class_label(cname, int(c)), float(p)) for c, p in ex.get("top_k", [])]
             except (KeyError, TypeError, ValueError) as e:
                 figs.example_note[name] = f"result.json `example` is incomplete: {e}"
                 continue
@@ -143,8 +148,7 @@ def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
                 why = f"test index {idx} is outside the dataset's {len(imgs)} test images"
             if image is None:
                 figs.example_note[name] = f"The image itself is not shown: {why}."
-            lab = lambda i: cname[i] if 0 <= i < len(cname) else str(i)  # noqa: E731
-            caption = f"test image #{idx}: true {lab(label)}, predicted {lab(pred)}"
+            caption = f"test image #{idx}: true {class_label(cname, label)}, predicted {class_label(cname, pred)}"
             figs.example[name] = figs.add(Fig(
                 f"example{s}.png", plots.example(image, caption, top, foot, f"{name}, seed {vs.example_seed}"),
                 f"test image {idx} with its prediction by {name}",
@@ -184,12 +188,11 @@ def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
                 figs.misclassified_note = ("The images are not shown: the predictions index past the "
                                            f"dataset's {len(imgs)} test images.")
             else:
-                cn = figs.class_names
-                lab = lambda i: cn[i] if 0 <= i < len(cn) else str(i)  # noqa: E731
                 figs.misclassified = figs.add(Fig(
                     "misclassified.png",
                     plots.image_grid([imgs[i] for i, _, _ in d.misclassified],
-                                     [f"#{i}: true {lab(t)}, pred {lab(p)}" for i, t, p in d.misclassified],
+                                     [f"#{i}: true {class_label(figs.class_names, t)}, "
+                                      f"pred {class_label(figs.class_names, p)}" for i, t, p in d.misclassified],
                                      foot, f"{d.best}, seed {d.misclassified_seed}: misclassified test images"),
                     f"misclassified test images of {d.best}",
                     f"The first {len(d.misclassified)} of {d.n_wrong} misclassified test images of {d.best} "

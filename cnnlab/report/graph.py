@@ -1,6 +1,6 @@
 """The model graph: Graphviz DOT built from spec.layer_table, rendered with `dot -Tpng`.
 
-One node per layer, labelled with its name, output shape and parameter count; layers of one
+One node per layer, labelled on one line with its name, output shape and parameter count; layers of one
 block (conv1, fc2, out) sit in one box. When `dot` is not installed (or fails) the caller
 gets the reason and shows the layer list instead.
 
@@ -37,9 +37,9 @@ def _shape(shape) -> str:
 def dot_source(rows: list[Layer], in_shape, title: str = "") -> str:
     lines = [
         "digraph model {",
-        '  graph [rankdir=TB, fontname="Helvetica", fontsize=11, nodesep=0.25, ranksep=0.18'
+        '  graph [rankdir=TB, fontname="Helvetica", fontsize=11, nodesep=0.2, ranksep=0.12'
         + (f", label={_q(title)}, labelloc=t" if title else "") + "];",
-        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, fillcolor="#ffffff"];',
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, fillcolor="#ffffff", height=0.28, margin="0.12,0.04"];',
         '  edge [arrowsize=0.6];',
         f'  input [label={_q("input " + _shape(in_shape))}, fillcolor="#f3f3f3"];',
     ]
@@ -52,8 +52,8 @@ def dot_source(rows: list[Layer], in_shape, title: str = "") -> str:
         lines.append(f"  subgraph cluster_{i} {{")
         lines.append(f'    label={_q(block)}; style="rounded,dashed"; color="#999999"; fontsize=10;')
         for r in layers:
-            label = f"{r.name}\\n{_shape(r.out_shape)}" + (f"\\n{r.params:,} params" if r.params else "")
-            lines.append(f'    n{r.index} [label="{label}", fillcolor="{_FILL.get(r.kind, "#ffffff")}"];')
+            label = f"{r.name}   {_shape(r.out_shape)}" + (f"   {r.params:,} params" if r.params else "")
+            lines.append(f'    n{r.index} [label={_q(label)}, fillcolor="{_FILL.get(r.kind, "#ffffff")}"];')
         lines.append("  }")
     chain = ["input"] + [f"n{r.index}" for r in rows]
     lines.append("  " + " -> ".join(chain) + ";")

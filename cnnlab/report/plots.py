@@ -46,16 +46,16 @@ def _figure(width: float, height: float, footer: str, *, left: float = 0.8, righ
     The footer adds to the height, so the axes keep their size.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure, SubplotParams
+    from matplotlib.figure import Figure
 
     lines = textwrap.wrap(footer, width=int(width * 17)) if footer else []
     foot = 0.14 * len(lines) + 0.1 if lines else 0.0
     height += foot
-    params = SubplotParams(left=left / width, right=1 - right / width, bottom=(bottom + foot) / height,
-                           top=1 - top / height, wspace=wspace, hspace=hspace)
     with _style():  # figure creation reads rcParams
-        fig = Figure(figsize=(width, height), dpi=DPI, subplotpars=params)
+        fig = Figure(figsize=(width, height), dpi=DPI)
         FigureCanvasAgg(fig)
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=(bottom + foot) / height,
+                            top=1 - top / height, wspace=wspace, hspace=hspace)
         if lines:
             fig.text(0.08 / width, 0.06 / height, "\n".join(lines), fontsize=7, color="#444444",
                      va="bottom", ha="left")
@@ -99,7 +99,7 @@ def curves(panels: Sequence[dict], footer: str, title: str = "", width_per_panel
 def confusion(matrix: np.ndarray, class_names: Sequence[str], footer: str, title: str = "") -> bytes:
     k = matrix.shape[0]
     side = max(4.0, 0.45 * k + 2.0)
-    fig = _figure(side + 0.8, side + 0.4, footer, left=1.0, bottom=0.8, right=0.1)
+    fig = _figure(side + 1.4, side, footer, left=1.0, bottom=0.75, right=0.3, top=0.45)
     with _style():
         ax = fig.subplots()
         im = ax.imshow(matrix, cmap="Blues", interpolation="nearest")

@@ -240,6 +240,10 @@ def gap_table(an: Analysis) -> Table:
 
 # ---------------------------------------------------------------------------- document
 
+def _name(names: Sequence[str], i: int) -> str:
+    return names[i] if 0 <= i < len(names) else str(i)
+
+
 def _fig(fig: "Fig | None") -> list:
     return [Image(fig.name, fig.alt, fig.caption)] if fig else []
 
@@ -294,7 +298,6 @@ def _comparisons(study: Study, an: Analysis, figs: "Figures") -> list:
     for c in an.comparisons:
         out.append(Heading(3, f"{c.name}: {c.a} vs {c.b}"))
         out.append(comparison_table(c, an))
-        out.append(Para(c.verdict + "."))
         out.append(comparison_seeds_table(study, c, an))
         out += _fig(figs.compare.get(c.name))
     return out
@@ -365,9 +368,14 @@ def _example(vs: VariantStats, figs: "Figures") -> list:
     ex = vs.example
     if ex is None:
         return [Para("No finished run records an example prediction.")]
-    top = ", ".join(f"{c}: {float(p):.3f}" for c, p in ex.get("top_k", []))
-    out: list = [Para(f"Test image #{ex.get('index')} (seed {vs.example_seed}): true label {ex.get('label')}, "
-                      f"predicted {ex.get('predicted')}" + (f"; top-k probabilities {top}" if top else "") + ".")]
+    names = figs.variant_class_names.get(vs.name, [])
+    try:
+        top = ", ".join(f"{_name(names, int(c))}: {float(p):.3f}" for c, p in ex.get("top_k", []))
+        label, pred = _name(names, int(ex["label"])), _name(names, int(ex["predicted"]))
+    except (KeyError, TypeError, ValueError):
+        return [Callout("note", f"result.json `example` of seed {vs.example_seed} is incomplete: {ex!r}")]
+    out: list = [Para(f"Test image #{ex.get('index')} (seed {vs.example_seed}): true label {label}, "
+                      f"predicted {pred}" + (f"; top-k probabilities {top}" if top else "") + ".")]
     note = figs.example_note.get(vs.name)
     if note:
         out.append(Callout("note", note))
@@ -395,7 +403,7 @@ def _diagnostics(study: Study, an: Analysis, figs: "Figures") -> list:
                              num(100.0 * row[i] / total) if total else DASH))
             out.append(Para(f"Counts summed over seeds {seeds_text(d.confusion_seeds)} "
                             "(rows: true class; columns: predicted class)."))
-            out.append(table(("true \\ predicted", *names, "total", "recall (%)"), rows,
+            out.append(table(("true / predicted", *names, "total", "recall (%)"), rows,
                              "l" + "r" * (len(names) + 2)))
         else:
             out.append(Para("No readable predictions.npz for this variant."))
@@ -409,9 +417,8 @@ def _diagnostics(study: Study, an: Analysis, figs: "Figures") -> list:
                 out += _fig(figs.misclassified)
             else:
                 names = figs.class_names
-                lab = lambda i: names[i] if 0 <= i < len(names) else str(i)  # noqa: E731
                 out.append(table(("test index", "true", "predicted"),
-                                 [(i, lab(t), lab(p)) for i, t, p in d.misclassified], "rll"))
+                                 [(i, _name(names, t), _name(names, p)) for i, t, p in d.misclassified], "rll"))
         elif d.misclassified_seed is not None:
             out.append(Para(f"Seed {d.misclassified_seed}: no test image is misclassified."))
         else:
@@ -423,15 +430,20 @@ def _diagnostics(study: Study, an: Analysis, figs: "Figures") -> list:
         "cnnlab records both: eval mode (model.eval(), the correct way) and train mode (the lab's way). "
         "The table gives the mean over seeds of each, and of their per-seed difference."))
     for name, gap in an.warnings:
+        vs = an.variants[name]
         out.append(Callout("warning", (
             f"{name}: eval-mode test accuracy is {abs(gap):.2f} pts below train-mode accuracy on average "
-            f"(more than {GAP_WARN_PTS:g} pts). Switching to model.eval() should not cost accuracy; a drop "
-            "like this points to dropout or BatchNorm behaving differently between train and eval mode: "
-            "heavy dropout (such as the lab's p = 0.75) whose rescaling does not match what the next layers "
-            "learned, or BatchNorm running statistics that do not match the test data (few steps, small "
-            "batches, or a momentum too low to catch up). Check the train-mode numbers below before trusting "
-            "either.")))
-    if not an.warnings:
+            f"(n = {vs.gap.n}; threshold {GAP_WARN_PTS:g} pts). This points to dropout or BatchNorm behaving "
+            "differently between train and eval mode; see below.")))
+    if an.warnings:
+        out.append(Para(
+            "Why a drop in eval mode matters: switching to model.eval() should not cost accuracy. A large drop "
+            "means the network relies on its train-mode behaviour: heavy dropout (such as the lab's p = 0.75, "
+            "which keeps only a quarter of the units, so eval mode's full activations are far from what the "
+            "next layers saw in training), or BatchNorm running statistics that do not match the test data "
+            "(few training steps, small batches, activations whose scale drifts). Neither number is then a "
+            "trustworthy estimate; check the dropout probability and the number of steps first."))
+    else:
         out.append(Para(f"No variant loses more than {GAP_WARN_PTS:g} pts when switching to eval mode."))
     out.append(gap_table(an))
     return out
@@ -495,8 +507,13 @@ def _reproducibility(study: Study, an: Analysis) -> list:
 
 # ---------------------------------------------------------------------------- markdown
 
+def _md(text: str) -> str:
+    """Markdown text: anything that looks like an HTML tag is shown, not interpreted."""
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return _md(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(t: Table) -> str:
@@ -522,20 +539,21 @@ def to_markdown(blocks: list) -> str:
     parts = []
     for b in blocks:
         if isinstance(b, Heading):
-            parts.append("#" * b.level + " " + b.text)
+            parts.append("#" * b.level + " " + _md(b.text))
         elif isinstance(b, Para):
-            parts.append(b.text)
+            parts.append(_md(b.text))
         elif isinstance(b, Callout):
-            parts.append(f"> **{b.kind.upper()}:** {b.text}")
+            parts.append(f"> **{b.kind.upper()}:** {_md(b.text)}")
         elif isinstance(b, Code):
             f = _fence(b.text)
             parts.append(f"{f}text\n{b.text}\n{f}")
         elif isinstance(b, Table):
             parts.append(_md_table(b))
         elif isinstance(b, Image):
-            parts.append(f"![{b.alt}]({FILES_DIR}/{b.name})\n\n*{b.caption}*")
+            alt = _md(b.alt).replace("[", "(").replace("]", ")")
+            parts.append(f"![{alt}]({FILES_DIR}/{b.name})\n\n*{_md(b.caption)}*")
         elif isinstance(b, Bullets):
-            parts.append("\n".join(f"- {item}" for item in b.items))
+            parts.append("\n".join(f"- {_md(item)}" for item in b.items))
         else:  # pragma: no cover - a new block type without a renderer is a bug
             raise TypeError(f"unknown block {b!r}")
     return "\n\n".join(parts) + "\n"
@@ -560,7 +578,8 @@ figcaption{font-size:.85em;color:#555;margin-top:.3em;max-width:900px}
 .warning{background:#fff4e5;border-left:4px solid #e69500;padding:8px 12px;margin:.8em 0}
 .note{background:#eef5fb;border-left:4px solid #4a90c8;padding:8px 12px;margin:.8em 0}
 nav.toc{background:#fafafa;border:1px solid #e6e6e6;padding:8px 16px;margin:1em 0;font-size:.92em}
-nav.toc ul{margin:.2em 0;padding-left:1.3em}
+nav.toc ul{margin:.2em 0;padding-left:1.3em;columns:3;column-gap:2em}
+nav.toc li{break-inside:avoid}
 """.strip()
 
 
