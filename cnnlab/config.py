@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnlab.errors import ConfigError, SpecError
-from cnnlab.spec import ModelSpec, PRESETS, spec_from_dict
+from cnnlab.spec import PRESETS, ModelSpec, dataclass_from_table, spec_from_dict
 
 EVAL_MODES = ("eval", "train")
 
@@ -63,24 +63,6 @@ class RunConfig:
 
 
 MODEL_KEYS = ("preset", "conv", "fc", "bn", "conv_dropout", "fc_dropout")
-
-
-def _section(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        typ = {"int": int, "float": float, "str": str}[fields[name].type]
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}.{name}: must be {typ.__name__}, got {type(value).__name__} {value!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 def resolve_model(data: Any, where: str = "model") -> tuple[ModelSpec, str | None]:
@@ -127,9 +109,9 @@ def config_from_dict(data: Any, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; valid: data, model, train")
     spec, name = resolve_model(data.get("model", {"preset": "lab2-3c3f-bn"}), f"{where}: model")
     cfg = RunConfig(
-        data=_section(DataConfig, data.get("data", {}), f"{where}: data"),
+        data=dataclass_from_table(DataConfig, data.get("data", {}), f"{where}: data", ConfigError),
         model=spec,
-        train=_section(TrainConfig, data.get("train", {}), f"{where}: train"),
+        train=dataclass_from_table(TrainConfig, data.get("train", {}), f"{where}: train", ConfigError),
         preset=name,
     )
     validate(cfg, where)
@@ -152,19 +134,9 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
 
 
 def load_config(path) -> RunConfig:
-    import tomllib
-    from pathlib import Path
+    from cnnlab.fsutil import read_toml
 
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory, expected a TOML file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return config_from_dict(data, str(p))
+    return config_from_dict(read_toml(path, ConfigError, "run configuration TOML file"), str(path))
 
 
 def dump_config(cfg: RunConfig) -> str:

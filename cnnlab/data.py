@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab import __version__, idx
+from cnnlab.fsutil import TMP_PREFIX, atomic_write
 from cnnlab.errors import DataError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -150,37 +151,9 @@ def _mismatch(where, fname: str, expected: str, found: str) -> str:
     return f"{where}: sha256 mismatch for {fname}: expected {expected}, found {found}"
 
 
-def _atomic_write(path: Path, data: bytes | bytearray) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def _remove_stale_temps(folder: Path, max_age: float = 24 * 3600) -> None:
     now = time.time()
-    for pattern in (".*.tmp", ".download-*.part"):
+    for pattern in (TMP_PREFIX + "*", ".download-*.part"):
         for p in folder.glob(pattern):
             try:
                 if now - p.stat().st_mtime > max_age:
@@ -264,7 +237,7 @@ class _Fetch:
             self.failures.append(_mismatch(where, fname, self.pinned[fname], digest) + " (rejected)")
             self.log(f"{where}: {fname} failed sha256 verification, not used")
             return False
-        _atomic_write(self.folder / fname, data)
+        atomic_write(self.folder / fname, data)
         self.missing.remove(fname)
         self.origins[fname] = where
         self.log(f"{fname}: verified (sha256), from {where}")
@@ -530,7 +503,7 @@ def fetch_dataset(name: str, quiet: bool = False) -> Path:
             if st.origins:
                 origins = _read_origins(folder)
                 origins.update(st.origins)
-                _atomic_write(folder / ORIGIN_FILE, json.dumps(origins, indent=1).encode())
+                atomic_write(folder / ORIGIN_FILE, json.dumps(origins, indent=1).encode())
     except filelock.Timeout:
         raise DataError(
             f"another process has been fetching {name} into {folder} for over {LOCK_TIMEOUT} s; "

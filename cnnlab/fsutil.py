@@ -96,3 +96,21 @@ def atomic_savez(path, **arrays) -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write(path, buf.getvalue())
+
+
+def read_toml(path, error: type, what: str = "TOML file") -> dict:
+    """Parse a TOML file; a missing, unreadable or invalid file raises `error` with one clear line.
+    (tomllib also rejects duplicate keys, such as a variant defined twice, naming the line.)"""
+    import tomllib
+
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{p}: is a directory, expected a {what}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{p}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise error(f"{p}: cannot read: {e.strerror}") from None

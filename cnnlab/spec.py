@@ -71,31 +71,37 @@ class Layer:
 
 # ---------------------------------------------------------------------------- parsing
 
-def _check_type(where: str, key: str, value: Any, typ: type) -> Any:
-    # bool is a subclass of int: refuse `kernel = true` and `bn = 1` alike.
-    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_type(where: str, key: str, value: Any, typ: type, error: type) -> Any:
+    # bool is a subclass of int: refuse `kernel = true` and `bn = 1` alike; an int is a fine float.
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise SpecError(f"{where}: `{key}` must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise error(f"{where}: `{key}` must be {typ.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
-def _block_from_dict(cls, data: Any, where: str):
+def dataclass_from_table(cls, data: Any, where: str, error: type = SpecError):
+    """Build dataclass `cls` from a TOML table: unknown keys, wrong types and missing keys are errors."""
     if not isinstance(data, dict):
-        raise SpecError(f"{where}: expected a table like {{ out_channels = 6 }}, got {data!r}")
+        raise error(f"{where}: expected a table, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        raise error(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            typ = {"int": int, "float": float, "bool": bool}[f.type]
-            kwargs[name] = _check_type(where, name, data[name], typ)
+            kwargs[name] = _check_type(where, name, data[name], TYPES[f.type], error)
         elif f.default is dataclasses.MISSING:
-            raise SpecError(f"{where}: missing required key `{name}`")
-    block = cls(**kwargs)
+            raise error(f"{where}: missing required key `{name}`")
+    return cls(**kwargs)
+
+
+def _block_from_dict(cls, data: Any, where: str):
+    block = dataclass_from_table(cls, data, where)
     _check_values(block, where)
     return block
 
@@ -136,22 +142,13 @@ def spec_from_dict(data: Any, where: str = "model") -> ModelSpec:
 
 def load_spec_toml(path) -> ModelSpec:
     """Read a model spec from a TOML file: either top-level conv/fc lists or a [model] table."""
-    import tomllib
-    from pathlib import Path
+    from cnnlab.fsutil import read_toml
 
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{p}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{p}: not valid TOML: {e}") from None
+    data = read_toml(path, SpecError, "model spec TOML file")
     if "model" in data and set(data) <= {"model"}:
         data = data["model"]
-    return spec_from_dict(data, where=str(p))
+    return spec_from_dict(data, where=str(path))
 
-
-# ---------------------------------------------------------------------------- shapes
 
 def layer_table(spec: ModelSpec, in_shape: tuple[int, int, int], num_classes: int) -> list[Layer]:
     """Walk the spec, checking that every layer fits the feature map it gets.

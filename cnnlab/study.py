@@ -124,20 +124,9 @@ def study_from_dict(data: Any, where: str = "study") -> Study:
 
 
 def load_study(path) -> Study:
-    import tomllib
+    from cnnlab.fsutil import read_toml
 
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = tomllib.loads(text)
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such study file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory, expected a study TOML file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        # tomllib rejects duplicate keys (e.g. a variant defined twice) here, with the line
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return study_from_dict(data, str(p))
+    return study_from_dict(read_toml(path, ConfigError, "study TOML file"), str(path))
 
 
 def override(study: Study, seeds: int | None = None, epochs: int | None = None, limit: int | None = None,

@@ -127,7 +127,7 @@ def test_config_round_trip_and_overrides(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"trian": {}}, r"unknown section\(s\) trian"),
     ({"train": {"epoch": 3}}, r"unknown key\(s\) epoch"),
-    ({"train": {"epochs": "3"}}, r"epochs: must be int"),
+    ({"train": {"epochs": "3"}}, r"`epochs` must be int"),
     ({"train": {"epochs": 0}}, r"epochs must be >= 1"),
     ({"train": {"eval_mode": "test"}}, r"eval_mode must be one of"),
     ({"model": {"preset": "lab3"}}, r"unknown preset 'lab3'"),

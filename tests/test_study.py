@@ -110,7 +110,7 @@ def test_locked_study_dir_is_refused(tmp_path, idx_dir, capsys):
     ('sedes = 2\n[variants]\na = {}\n', r"unknown key\(s\) sedes"),
     ('seeds = 0\n[variants]\na = {}\n', r"seeds must be >= 1"),
     ('seeds = [1, 1]\n[variants]\na = {}\n', r"seeds has duplicates"),
-    ('[variants]\na = { train = { epochs = "x" } }\n', r"variants.a: train.epochs: must be int"),
+    ('[variants]\na = { train = { epochs = "x" } }\n', r"variants.a: train: `epochs` must be int"),
     ('[variants]\na = { modle = {} }\n', r"variants.a: unknown section\(s\) modle"),
     ('[variants]\na = {}\n[comparisons]\nx = ["a", "b"]\n', r"comparisons.x names unknown variant\(s\) b"),
     ('[variants]\na = {}\n[comparisons]\nx = ["a", "a"]\n', r"compares a with itself"),

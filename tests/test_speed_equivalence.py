@@ -1,0 +1,261 @@
+"""The fast engine computes what the plain PyTorch loop computes (docs/performance.md).
+
+- Without dropout, cnnlab's engine and the plain loop (bench/baseline.py) follow the same
+  training trajectory from the same seed, initial weights and batch order.
+- Each fast op (cnnlab.fastops) matches torch's reference: values and gradients.
+- FastDropout's mask has exactly nn.Dropout's distribution: each unit kept independently
+  with probability 1 - p, kept units scaled by 1/(1 - p).
+
+Synthetic data only; no timings here (bench/bench.py measures speed).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from cnnlab import fastops
+from cnnlab.model import FastDropout, build_model
+from cnnlab.spec import PRESETS
+
+from conftest import make_idx_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.baseline import plain_model, train_plain  # noqa: E402
+
+
+def no_dropout(spec):
+    return dataclasses.replace(spec, conv=tuple(dataclasses.replace(b, dropout=0.0) for b in spec.conv),
+                               fc=tuple(dataclasses.replace(b, dropout=0.0) for b in spec.fc))
+
+
+# ---------------------------------------------------------------------------- engine == plain loop
+
+
+@pytest.mark.parametrize("preset", ["lab2-3c3f-bn", "lab2-2c2f"])
+def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
+    from cnnlab.config import DataConfig, RunConfig, TrainConfig
+    from cnnlab.data import load_dataset
+    from cnnlab.train import make_split, to_tensors, train_run
+    from cnnlab.checkpoint import load
+
+    torch.set_num_threads(1)
+    idx = make_idx_dir(tmp_path / "synth", n_train=700, n_test=200, size=(28, 28), classes=10)
+    ds = load_dataset(f"idx:{idx}")
+    spec = no_dropout(PRESETS[preset])
+    seed, epochs = 3, 3
+    cfg = RunConfig(data=DataConfig(name=f"idx:{idx}", val_size=100), model=spec,
+                    train=TrainConfig(epochs=epochs, seed=seed, device="cpu", threads=1), preset=None)
+    train_run(cfg, tmp_path / "engine", dataset=ds, echo=lambda *_: None)
+    engine_rows = list(csv.DictReader(open(tmp_path / "engine" / "metrics.csv")))
+    engine_state, _ = load(tmp_path / "engine" / "checkpoints" / "last.safetensors")
+
+    # the plain loop, fed the engine's split and batch order
+    train_idx, val_idx = make_split(len(ds.train_labels), 100, seed)
+    data = to_tensors(ds, train_idx, val_idx, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(len(train_idx), generator=gen) for _ in range(epochs)]
+    plain = train_plain(spec, data, epochs=epochs, seed=seed, order=lambda e: perms[e])
+
+    # same initial weights: both build the same layers in the same order after manual_seed(seed)
+    torch.manual_seed(seed)
+    a = build_model(spec, ds.input_shape, ds.num_classes).state_dict()
+    torch.manual_seed(seed)
+    b = plain_model(spec, ds.input_shape, ds.num_classes).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    losses = [float(r["train_loss"]) for r in engine_rows]
+    np.testing.assert_allclose(losses, plain.train_loss, rtol=1e-4)
+    # A bias right before a BatchNorm has a true gradient of 0 (the BN subtracts the batch mean);
+    # Adam scales its float-noise gradient up to full-size steps, so it (and the BN's running mean,
+    # which carries it) wanders differently under any change of summation order. It never
+    # changes an output; every other tensor must agree.
+    layers = list(plain.model)
+    skip = set()
+    for i, (m, nxt) in enumerate(zip(layers, layers[1:])):
+        if isinstance(nxt, torch.nn.modules.batchnorm._BatchNorm):
+            skip |= {f"{i}.bias", f"{i + 1}.running_mean"}
+    final = plain.model.state_dict()
+    assert len(skip) < len(final) / 2
+    for k, v in final.items():
+        if k not in skip:
+            np.testing.assert_allclose(engine_state[f"model.{k}"].numpy(), v.numpy(), rtol=1e-3, atol=1e-4, err_msg=k)
+    assert len(plain.train_loss) == epochs and losses[-1] < losses[0]  # it did train
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("size", [28, 15])
+def test_fast_forward_backward_equals_plain_modules_with_the_same_masks(preset, size):
+    """Net(fast=True) against Net(fast=False), dropout on: same masks (same RNG state),
+    so outputs, every gradient and the BatchNorm running statistics must agree."""
+    torch.manual_seed(0)
+    slow = build_model(PRESETS[preset], (1, size, size), 10, fast=False)
+    fast = copy.deepcopy(slow)
+    fast.fast = True
+    x, y = torch.rand(20, 1, size, size), torch.randint(0, 10, (20,))
+    outs = []
+    for m in (slow, fast):
+        torch.manual_seed(1)
+        out = m(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for (k, p), q in zip(slow.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=k)
+    for (k, b), c in zip(slow.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=k)
+    slow.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(slow(x), fast(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- each fast op
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 7, 9), (1, 2, 2, 2)])
+def test_max_pool2x2_is_torchs_max_pool_with_ties(shape):
+    torch.manual_seed(0)
+    x = torch.randint(-2, 3, shape).float()  # many ties, as after ReLU and in flat image regions
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ra, rb = F.max_pool2d(a, 2), fastops.max_pool2x2(b)
+    g = torch.randn_like(ra)
+    ra.backward(g), rb.backward(g)
+    assert torch.equal(ra, rb) and torch.equal(a.grad, b.grad)  # the same element gets the gradient
+
+
+def test_relu_then_pool_equals_pool_then_relu_exactly():
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, (4, 3, 10, 10)).float() * FastDropout(0.75).mask((4, 3, 10, 10), "cpu", torch.float32)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ra, rb = F.max_pool2d(F.relu(a), 2), F.relu(fastops.max_pool2x2(b))
+    g = torch.randn_like(ra)
+    ra.backward(g), rb.backward(g)
+    assert torch.equal(ra, rb) and torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("c, o, h, stride, pad, bias", [(1, 6, 28, 1, 1, True), (6, 12, 14, 1, 0, True),
+                                                       (3, 5, 11, 2, 2, False)])
+def test_conv2d_gemm_matches_conv2d(c, o, h, stride, pad, bias):
+    torch.manual_seed(0)
+    x = torch.randn(4, c, h, h)
+    w = torch.randn(o, c, 3, 3, requires_grad=True)
+    b = torch.randn(o, requires_grad=True) if bias else None
+    grads = []
+    for conv in (F.conv2d, fastops.conv2d_gemm):
+        xr = x.clone().requires_grad_()
+        out = conv(xr, w, b, stride, pad)
+        g = torch.ones_like(out) * torch.linspace(-1, 1, out.numel()).view_as(out)
+        grads.append((out,) + torch.autograd.grad(out, [t for t in (xr, w, b) if t is not None], g))
+    for r, f in zip(*grads):
+        torch.testing.assert_close(r, f, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(50, 6, 28, 28), (50, 128), (7, 3, 5, 5)])
+def test_batch_norm_train_matches_nn_batchnorm(shape):
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(shape[1]) if len(shape) == 4 else torch.nn.BatchNorm1d(shape[1])
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-1, 1)
+    mine = copy.deepcopy(ref)
+    x = torch.randn(*shape) * 3 + 1
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):  # twice: running statistics accumulate the same way
+        ya, yb = ref(a), fastops.batch_norm_train(b, mine)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref.weight.grad, mine.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ref.bias.grad, mine.bias.grad, rtol=1e-4, atol=1e-3)
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ref, k), getattr(mine, k), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the dropout distribution
+
+N = 1 << 22  # 4M mask elements per p
+
+
+def _mask(p, n=N, seed=0):
+    torch.manual_seed(seed)
+    d = FastDropout(p)
+    assert d.bits is not None  # the exact random-bytes path, not the bernoulli fallback
+    return d.mask((n,), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("p", [0.75, 0.25, 0.5, 0.1875, 1 / 512])
+def test_fast_dropout_keeps_each_unit_with_probability_exactly_1_minus_p(p):
+    m = _mask(p)
+    keep = (m != 0).double()
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    assert torch.all((m == 0) | (m == scale))  # kept units are scaled by exactly 1/(1-p)
+    k = keep.sum().item()
+    z = (k - N * (1 - p)) / math.sqrt(N * p * (1 - p))
+    assert abs(z) < 5, f"keep rate {k / N:.6f} vs {1 - p}: z = {z:.2f}"
+    # independence: neighbours (and elements one int64 word apart) are uncorrelated
+    kc = keep - keep.mean()
+    for lag in (1, 2, 8, 9):
+        r = (kc[:-lag] * kc[lag:]).mean() / kc.var()
+        assert abs(r) < 5 / math.sqrt(N), f"lag {lag}: correlation {r:.5f}"
+    # disjoint neighbouring pairs: (drop, drop), (drop, keep), (keep, drop), (keep, keep)
+    pairs = (keep[0::2] * 2 + keep[1::2]).long()
+    counts = torch.bincount(pairs, minlength=4).numpy()
+    q = np.array([p * p, p * (1 - p), (1 - p) * p, (1 - p) ** 2]) * (N // 2)
+    ok = q >= 5
+    assert stats.chisquare(counts[ok], q[ok] * counts[ok].sum() / q[ok].sum()).pvalue > 1e-6
+    # every position within an 8-element block keeps at the same rate
+    by_pos = keep.view(-1, 8).mean(0)
+    sd = math.sqrt(p * (1 - p) / (N // 8))
+    assert torch.all((by_pos - (1 - p)).abs() < 5 * sd), by_pos
+
+
+def test_fast_dropout_output_is_input_times_mask():
+    torch.manual_seed(0)
+    x = torch.randn(64, 6, 7, 7)
+    d = FastDropout(0.25).train()
+    torch.manual_seed(1)
+    y = d(x)
+    torch.manual_seed(1)
+    m = d.mask(x.shape, x.device, x.dtype)
+    kept = m != 0
+    assert torch.equal(y[kept], x[kept] * torch.tensor(1 / 0.75, dtype=torch.float32))
+    assert torch.all(y[~kept] == 0)
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_random_bytes_are_uniform_in_every_byte_position():
+    torch.manual_seed(0)
+    raw = fastops.random_bytes(1 << 23, "cpu").view(-1, 8).long()
+    expected = np.full(256, raw.shape[0] / 256)
+    for pos in range(8):
+        counts = torch.bincount(raw[:, pos], minlength=256).numpy()
+        assert stats.chisquare(counts, expected).pvalue > 1e-6, pos
+
+
+def test_masks_of_different_calls_differ_and_replay_with_the_seed():
+    assert torch.equal(_mask(0.5, 4096, seed=7), _mask(0.5, 4096, seed=7))
+    torch.manual_seed(7)
+    d = FastDropout(0.5)
+    a, b = d.mask((4096,), "cpu", torch.float32), d.mask((4096,), "cpu", torch.float32)
+    assert not torch.equal(a, b)
+
+
+def test_non_exact_p_falls_back_to_torch_dropout():
+    d = FastDropout(0.3)
+    assert d.bits is None and "bernoulli" in repr(d)
+    torch.manual_seed(0)
+    x = torch.ones(100_000)
+    y = d.train()(x)
+    assert abs((y != 0).float().mean().item() - 0.7) < 0.01
