@@ -286,6 +286,20 @@ def test_comparisons_match_stats_and_holm(built):
     assert "BN vs no BN" in md and "not distinguishable from seed noise with 3 seeds" in md
 
 
+def test_comparisons_in_both_eval_modes(built):
+    res, md = built["results"], built["text"]
+    table = next(t for t in _tables(_section(md, "## Comparisons")) if "Holm p" in t[0] and "train mode (lab's way): A − B [95% CI]" in t[0])
+    rows = {r[0]: r for r in table[1:]}
+    for mode, col in (("eval", 3), ("train", 5)):
+        acc = {v: {s: r[f"test_accuracy_{mode}"] for (vv, s), r in _finished(res, v).items()} for v in VARIANTS}
+        prs = {k: stats.paired(acc[a], acc[b]) for k, (a, b) in COMPARISONS.items()}
+        holm = dict(zip(prs, stats.holm([p.p for p in prs.values()])))
+        for k, pr in prs.items():
+            name = next(r for r in rows if r == k or r.startswith(k))
+            assert rows[name][col].startswith(f"{pr.mean_diff:+.2f} ["), (mode, k)
+            assert rows[name][col + 1] == stats.format_p(holm[k])
+
+
 def test_diagnostics(built):
     md, res = built["text"], built["results"]
     diag = _section(md, "## Diagnostics")

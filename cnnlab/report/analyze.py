@@ -82,6 +82,7 @@ class Diagnostics:
 class Analysis:
     variants: dict[str, VariantStats]
     comparisons: list[ComparisonStats]
+    by_mode: dict[str, list[ComparisonStats]]  # "eval"/"train" -> the comparisons on that mode's accuracy
     diagnostics: Diagnostics
     warnings: list[tuple[str, float]]  # (variant, mean gap) for eval far below train mode
     finished: int
@@ -160,8 +161,9 @@ def variant_stats(v: Variant) -> VariantStats:
     )
 
 
-def compare(study: Study, vstats: dict[str, VariantStats]) -> list[ComparisonStats]:
-    pairs = [(name, a, b, stats.paired(vstats[a].acc, vstats[b].acc))
+def compare(study: Study, vstats: dict[str, VariantStats], key: str = "acc") -> list[ComparisonStats]:
+    """Paired comparisons on one accuracy per seed: `acc` (headline), `acc_eval` or `acc_train`."""
+    pairs = [(name, a, b, stats.paired(getattr(vstats[a], key), getattr(vstats[b], key)))
              for name, (a, b) in study.comparisons.items()]
     adjusted = stats.holm([p.p for *_, p in pairs])
     m = sum(1 for *_, p in pairs if not math.isnan(p.p))
@@ -217,6 +219,7 @@ def analyze(study: Study) -> Analysis:
     return Analysis(
         variants=vstats,
         comparisons=compare(study, vstats),
+        by_mode={"eval": compare(study, vstats, "acc_eval"), "train": compare(study, vstats, "acc_train")},
         diagnostics=diagnostics(study, vstats),
         warnings=warnings,
         finished=sum(len(vs.finished_seeds) for vs in vstats.values()),

@@ -191,6 +191,16 @@ def comparisons_overview(an: Analysis) -> Table:
                   "seeds needed"), rows, "lllrrrrrr")
 
 
+def comparisons_by_mode(an: Analysis) -> Table:
+    def cell(c: ComparisonStats) -> tuple[str, str]:
+        return (f"{signed(c.paired.mean_diff)} {interval(c.paired.ci_low, c.paired.ci_high, c.paired.n)}",
+                stats.format_p(c.p_holm))
+
+    rows = [(e.name, e.a, e.b, *cell(e), *cell(t)) for e, t in zip(an.by_mode["eval"], an.by_mode["train"])]
+    return table(("comparison", "A", "B", "eval mode: A − B [95% CI]", "Holm p",
+                  "train mode (lab's way): A − B [95% CI]", "Holm p"), rows, "lllrrrr")
+
+
 def comparison_table(c: ComparisonStats, an: Analysis) -> Table:
     pr = c.paired
     sa, sb = an.variants[c.a].summary, an.variants[c.b].summary
@@ -295,6 +305,12 @@ def _comparisons(study: Study, an: Analysis, figs: "Figures") -> list:
         "\"Seeds needed\" is the number of seeds a paired t-test needs to detect a difference of the "
         "observed size with 80% power at α = 0.05 (noncentral t)."))
     out.append(comparisons_overview(an))
+    out.append(Para(
+        "The same comparisons in both evaluation modes: eval mode (model.eval(), the correct way) and "
+        "train mode (dropout and batch-statistics BatchNorm left on, as the lab evaluated). Where the two "
+        "disagree, a conclusion drawn from the lab's way of evaluating does not carry over to the model "
+        "as it is used."))
+    out.append(comparisons_by_mode(an))
     for c in an.comparisons:
         out.append(Heading(3, f"{c.name}: {c.a} vs {c.b}"))
         out.append(comparison_table(c, an))
