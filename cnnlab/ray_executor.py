@@ -27,10 +27,11 @@ from cnnlab.study import Task
 
 NEEDS_EXTRA = "the Ray executor needs the ray extra: pip install 'cnnlab[ray]'"
 SHARED_DIR_HELP = ("--out must be on a file system that every Ray node mounts at the same path "
-                   "(e.g. NFS); see the README on Ray clusters")
+                   "(e.g. NFS); see docs/ray.md")
 # Environment variables of the driver that the workers get (the same data cache path everywhere).
 FORWARD_ENV = ("CNNLAB_DATA",)
 GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
+LOCK_WAIT_S = 300.0  # how long a retried run waits for its run directory's lock (see _wait_for_run_lock)
 
 
 def _import_ray():
@@ -45,13 +46,18 @@ def _import_ray():
 # Plain module-level functions: Ray pickles them by reference, so each node needs cnnlab
 # installed (the same version as the driver).
 
-def cnnlab_run(task: Task, threads: int, cwd: str, env: dict) -> dict:
+def cnnlab_run(task: Task, threads: int, cwd: str, env: dict, hide_gpus: bool = False,
+               lock_wait: float = LOCK_WAIT_S) -> dict:
     """One run on a Ray worker (its process title is `ray::cnnlab_run`)."""
+    os.environ.update(env)
+    if hide_gpus:
+        # A run that asked Ray for no GPU must not use one behind Ray's back (`--device auto`
+        # would pick cuda:0 on a GPU node: recent Ray versions no longer hide the GPUs themselves).
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
-    from cnnlab.study import execute_task
+    from cnnlab.study import execute_task, run_state
 
-    os.environ.update(env)
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative idx:DIR paths mean the same as on the driver
     torch.set_num_threads(max(1, threads))
@@ -59,7 +65,26 @@ def cnnlab_run(task: Task, threads: int, cwd: str, env: dict) -> dict:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this (reused) worker process
         pass
+    _wait_for_run_lock(Path(task.run_dir), lock_wait)
+    if run_state(task) == "done":  # finished meanwhile by a task of an earlier driver that died
+        return {"status": "done"}
     return execute_task(task, threads)
+
+
+def _wait_for_run_lock(run_dir: Path, timeout: float) -> None:
+    """A retry after a lost *node* can find the run's lock still held: a network file system frees
+    the locks of a dead client only when its lease runs out (NFS: about 90 s). Wait for that;
+    a run that is really still training elsewhere is then reported as in use by execute_task."""
+    from filelock import FileLock, Timeout
+
+    if not (run_dir / ".lock").exists():
+        return
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=timeout, poll_interval=2.0)
+    except Timeout:
+        return
+    lock.release()
 
 
 def cnnlab_probe(study_dir: str, token_name: str, token: str) -> dict:
@@ -84,7 +109,7 @@ def cnnlab_probe(study_dir: str, token_name: str, token: str) -> dict:
 
 def _check_reachable(address: str, timeout: float) -> None:
     """A fast, clear error for a HOST:PORT nobody listens on (ray.init would retry for a long time)."""
-    if address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
         return
     hostport = address[len("ray://"):] if address.startswith("ray://") else address
     host, sep, port = hostport.rpartition(":")
@@ -161,13 +186,40 @@ class RayExecutor:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
             msg = " ".join(str(e).split())[:300]
             hint = "; is it the head's GCS port (6379 by default, as printed by `ray start --head`)?" \
-                if self.address else ""
+                if self.address and "://" not in self.address else ""
             raise RunError(f"cannot connect to {where}: {type(e).__name__}: {msg}{hint}") from None
         finally:
             for k in scoped:
                 os.environ.pop(k, None)
             auth_log.setLevel(auth_level)
         return True
+
+    def _nodes(self) -> list[dict]:
+        """The alive nodes that can run work (a head started with --num-cpus=0 cannot)."""
+        return [n for n in self.ray.nodes() if n.get("Alive")
+                and n.get("Resources", {}).get("CPU", 0) + n.get("Resources", {}).get("GPU", 0) > 0]
+
+    def _check_fits(self, tasks: list[Task]) -> None:
+        """A run that no node can hold would wait forever in Ray's queue: say so instead."""
+        have = [n.get("Resources", {}) for n in self._nodes()]
+        for t in tasks:
+            device = str(t.config["train"]["device"])
+            if device.startswith("cuda:"):
+                raise ConfigError(f"--device {device}: on Ray use --device cuda; Ray gives each run its own GPU "
+                                  "(the run sees it as cuda)")
+            need = self.resources(t)
+            if any(r.get("CPU", 0) >= need["num_cpus"] and r.get("GPU", 0) >= need["num_gpus"] for r in have):
+                continue
+            cpus = max((r.get("CPU", 0) for r in have), default=0)
+            gpus = max((r.get("GPU", 0) for r in have), default=0)
+            n_cpu, n_gpu = need["num_cpus"], need["num_gpus"]
+            if n_gpu > gpus:
+                device = t.config["train"]["device"]
+                has = "a GPU" if gpus == 0 else f"{n_gpu:g} GPUs"
+                raise RunError(f"run {t.label} wants device {device} ({n_gpu:g} GPU a run) but no node of the "
+                               f"Ray cluster has {has}; use --device cpu, or add GPU nodes to the cluster")
+            raise RunError(f"--threads {n_cpu} needs {n_cpu} CPUs a run but the largest node of the Ray cluster "
+                           f"has {cpus:g}; use fewer --threads")
 
     def _probe(self, study_dir: Path) -> None:
         """Every alive node must see the driver's study directory, readable and writable."""
@@ -180,8 +232,7 @@ class RayExecutor:
         tok.write_text(token)
         replies: list[Path] = []
         try:
-            nodes = [n for n in ray.nodes() if n.get("Alive")
-                     and n.get("Resources", {}).get("CPU", 0) + n.get("Resources", {}).get("GPU", 0) > 0]
+            nodes = self._nodes()
             probe = ray.remote(cnnlab_probe)
             refs = {probe.options(num_cpus=0, max_retries=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
                 n["NodeID"], soft=False)).remote(str(study_dir), token_name, token): n for n in nodes}
@@ -229,6 +280,7 @@ class RayExecutor:
         owned = self._connect()
         refs: dict = {}
         try:
+            self._check_fits(tasks)
             self._probe(study_dir)
             fn = ray.remote(cnnlab_run)
             for t in tasks:
@@ -236,7 +288,8 @@ class RayExecutor:
                 opts = dict(num_cpus=res["num_cpus"], max_retries=self.retries, retry_exceptions=False)
                 if res["num_gpus"]:
                     opts["num_gpus"] = res["num_gpus"]
-                refs[fn.options(**opts).remote(remote_tasks[t.label], self.threads, cwd, env)] = t
+                refs[fn.options(**opts).remote(remote_tasks[t.label], self.threads, cwd, env,
+                                               hide_gpus=not res["num_gpus"])] = t
             last_poll = 0.0
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0, fetch_local=False)
@@ -261,8 +314,10 @@ class RayExecutor:
         try:
             outcome = ray.get(ref)
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
-            return {"status": "failed", "error": f"its Ray worker died {self.retries + 1} times "
-                                                 f"(killed, out of memory or node lost): {type(e).__name__}"}
+            n = self.retries + 1
+            return {"status": "failed", "error": f"its Ray worker died {n} time{'s' if n > 1 else ''} (killed, "
+                                                 f"out of memory or node lost: {type(e).__name__}); run the "
+                                                 "study again to resume it"}
         except ray.exceptions.OutOfMemoryError:
             return {"status": "failed", "error": "killed by Ray's memory monitor (node out of memory)"}
         except ray.exceptions.RayError as e:

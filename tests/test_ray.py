@@ -126,9 +126,12 @@ def cluster():
     common = ["--num-cpus=1", "--disable-usage-stats", f"--node-ip-address={HOST}",
               "--object-store-memory=100000000"]
     try:
+        # every port this machine could already have in use is a free one (no fixed defaults)
         for cmd in ([str(RAY_BIN), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                     f"--ray-client-server-port={_free_port(HOST)}", f"--temp-dir={tmp}", *common],
-                    [str(RAY_BIN), "start", f"--address={address}", *common]):
+                     f"--ray-client-server-port={_free_port(HOST)}", f"--temp-dir={tmp}",
+                     f"--dashboard-agent-listen-port={_free_port(HOST)}", *common],
+                    [str(RAY_BIN), "start", f"--address={address}",
+                     f"--dashboard-agent-listen-port={_free_port(HOST)}", *common]):
             r = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         yield address
@@ -311,3 +314,33 @@ def test_study_dir_not_shared_with_workers_fails_clearly(cluster, study_file, tm
     assert r.returncode == 2, r.stderr[-3000:]
     assert len(err) == 1 and "is not shared with the Ray workers" in err[0] and "same path" in err[0], r.stderr
     assert not (private / "out").exists()  # outside the private mount, nothing was written
+
+
+def test_resource_requests():
+    pytest.importorskip("ray")
+    from cnnlab.ray_executor import RayExecutor
+    from cnnlab.study import Task
+
+    def task(device):
+        return Task("v", 0, {"train": {"device": device}}, "/tmp/none")
+
+    ex = RayExecutor(threads=1)
+    assert ex.resources(task("cpu")) == {"num_cpus": 1, "num_gpus": 0}
+    assert ex.resources(task("auto")) == {"num_cpus": 1, "num_gpus": 0}  # auto asks for no GPU: CPU on Ray
+    assert ex.resources(task("cuda")) == {"num_cpus": 1, "num_gpus": 1.0}
+    shared = RayExecutor(threads=2, gpus_per_run=0.25)  # four runs share a GPU
+    assert shared.resources(task("cuda")) == {"num_cpus": 2, "num_gpus": 0.25}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "wants device cuda (1 GPU a run) but no node of the Ray cluster has a GPU"),
+    (["--device", "cuda:1"], "--device cuda:1: on Ray use --device cuda"),
+    (["--threads", "2"], "--threads 2 needs 2 CPUs a run but the largest node of the Ray cluster has 1"),
+])
+def test_run_that_no_node_can_hold_is_refused(cluster, study_file, tmp_path, capsys, flags, message):
+    """Instead of waiting forever in Ray's queue."""
+    rc = main(["study", str(study_file), "--out", str(tmp_path / "x"), "--executor", "ray", "--address", cluster,
+               "--no-report", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not list((tmp_path / "x").glob("runs/*/*/result.json"))

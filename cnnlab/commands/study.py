@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local worker processes (default) or a Ray cluster")
     p.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--gpus-per-run", type=float, default=1.0, metavar="F",
+                   help="with --executor ray and a cuda device: GPUs each run asks for; a fraction packs "
+                        "several runs on one GPU (default: 1)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="times a run whose worker died is resumed (default: 3)")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
@@ -49,7 +52,7 @@ def run(args) -> int:
         from cnnlab.ray_executor import RayExecutor
 
         executor = RayExecutor(address=args.address, threads=args.threads, retries=args.retries,
-                               study_dir=out)
+                               study_dir=out, gpus_per_run=args.gpus_per_run)
     else:
         if args.address:
             raise ConfigError("--address is for --executor ray")
