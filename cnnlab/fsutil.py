@@ -61,6 +61,20 @@ def _maybe_die_before_rename(path: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def exclusive(directory, lock_name: str, busy: str):
+    """Hold a lock file in `directory` or raise RunError(busy) at once: one process per directory."""
+    from filelock import FileLock, Timeout
+
+    from cnnlab.errors import RunError
+
+    lock = FileLock(str(Path(directory) / lock_name))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(busy) from None
+    return lock  # a context manager: `with exclusive(...):` releases it
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

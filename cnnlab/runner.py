@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cnnlab.errors import RunError
-from cnnlab.fsutil import atomic_write_json
+from cnnlab.fsutil import atomic_write_json, exclusive
 from cnnlab.study import Study, Task, check_existing, read_progress, run_state, tasks_for
 
 
@@ -66,8 +66,6 @@ class Display:
 def run_study(study: Study, out: Path, executor, study_file: Path | None = None, command: str = "",
               report: bool = True) -> dict:
     """Run every unfinished (variant, seed) of `study` into `out`. Returns counts."""
-    from filelock import FileLock, Timeout
-
     from cnnlab.data import load_dataset
     from cnnlab.spec import layer_table
     from cnnlab.train import versions
@@ -77,12 +75,7 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create study directory {out}: {e.strerror}; choose a writable --out") from None
-    lock = FileLock(str(out / ".study.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunError(f"another `cnnlab study` is running on {out}; wait for it or use another --out") from None
-    try:
+    with exclusive(out, ".study.lock", f"another `cnnlab study` is running on {out}; wait for it or use another --out"):
         # check everything before any run starts: data exists, every shape works, no config drift
         datasets = {}
         for vname, cfg in study.variants.items():
@@ -131,5 +124,4 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
             md, html = build_report(out)
             counts["report"] = str(html)
         return counts
-    finally:
-        lock.release()
+
