@@ -165,8 +165,9 @@ def scenario_study(ds, args, tmp: Path) -> dict:
 
 def report(results: dict) -> str:
     out = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
-           f"{results['machine']['torch']} ({results['machine']['torch_threads']} threads by default)",
-           f"protocol: {json.dumps(results['protocol'])}"]
+           f"{results['machine']['torch']} ({results['machine']['torch_threads']} threads in this process)",
+           f"protocol: {json.dumps(results['protocol'])}",
+           f"load average (1 min) before {results['load_before'][0]:.2f}, after {results['load_after'][0]:.2f}"]
     if "single" in results:
         s = results["single"]
         out += ["", "single run (lab2-3c3f-bn):",
@@ -189,11 +190,11 @@ def report(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="reduced protocol: 1 epoch, 3000 training images, 3 seeds (under 2 minutes)")
+                   help="reduced protocol: 1 epoch, 10000 training images, 3 seeds (under 2 minutes)")
     p.add_argument("--scenario", choices=["single", "study", "both"], default="both", help="default: both")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: 3)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: 10; --quick: 1)")
-    p.add_argument("--limit", type=int, help="train on the first N images of the split (default: all; --quick: 3000)")
+    p.add_argument("--limit", type=int, help="train on the first N images of the split (default: all; --quick: 10000)")
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op threads of the in-process runs, both loops (default: 0 = torch's default)")
     p.add_argument("--data", default="mnist", help="dataset (default: mnist)")
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.seeds = args.seeds or 3
     args.epochs = args.epochs or (1 if args.quick else 10)
-    args.limit = args.limit if args.limit is not None else (3000 if args.quick else 0)
+    args.limit = args.limit if args.limit is not None else (10000 if args.quick else 0)
 
     import torch
 
@@ -211,7 +212,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)
     results = {"machine": machine(), "protocol": protocol(args), "command": " ".join(sys.argv),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_before": os.getloadavg()}
+    if results["load_before"][0] > 0.5:
+        print(f"note: 1-minute load average {results['load_before'][0]:.2f}; processes still running on these "
+              "cores disturb the timings (the more so with 2+ threads per process)", flush=True)
     print(f"bench: {results['machine']['cpu']}, {results['machine']['cores']} cores; "
           f"{args.epochs} epoch(s), {args.seeds} seed(s), limit {args.limit or 'none'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as tmp:
@@ -219,6 +223,7 @@ def main(argv=None) -> int:
             results["single"] = scenario_single(ds, args, Path(tmp))
         if args.scenario in ("study", "both"):
             results["study"] = scenario_study(ds, args, Path(tmp))
+    results["load_after"] = os.getloadavg()
     text = report(results)
     print("\n" + text)
     if args.json:

@@ -1,18 +1,19 @@
 """CPU-fast building blocks for model.Net: same math as torch's modules, cheaper kernels.
 
-At the lab's sizes (batch 50, 6-24 channels) torch's CPU kernels for max-pool, batch-norm
-and the first conv's weight gradient spend most of their time in overhead, not arithmetic.
-Each function here computes the same values (float rounding aside) with a few large,
-vectorised tensor ops instead (measurements: docs/performance.md):
+At the lab's sizes (batch 50, 6-24 channels) torch's CPU kernels for max-pool and for the
+first conv's weight gradient are slow for the arithmetic they do. Each function here
+computes the same values (float rounding aside) with a few large, vectorised tensor ops
+instead (measurements, and what was tried and dropped: docs/performance.md):
 
 - conv2d_gemm: convolution as one im2col copy + a batched matmul; the weight gradient is a
-  batched matmul too. The input gradient, when needed, is torch's own.
-- batch_norm_train: training-mode batch norm from per-channel sums, with a hand-written
-  backward; running statistics are updated exactly as nn.BatchNorm does.
+  batched matmul too (torch's CPU conv is slowest there). The input gradient, when needed,
+  is torch's own.
 - max_pool2x2: 2x2/stride-2 max-pool from pairwise maxima. The gradient goes to the first
   maximum of each window in row-major order, the element torch's max_pool2d picks.
 - dropout_mask: the float mask (0 or 1/(1-p)) from random bytes, with no bool tensors
   (bool ops are unvectorised on the CPU).
+- tune_allocator: keep freed memory in the process instead of returning it to the OS, so
+  the per-step activations stop costing page faults.
 
 Nothing here changes what is computed; tests/test_speed_equivalence.py checks every
 function against torch's reference (values and gradients).
@@ -75,60 +76,6 @@ class _ConvGemm(torch.autograd.Function):
 def conv2d_gemm(x, weight, bias, stride: int = 1, padding: int = 0) -> torch.Tensor:
     """F.conv2d for square kernels, groups 1, dilation 1, via im2col + matmul."""
     return _ConvGemm.apply(x, weight, bias, stride, padding)
-
-
-# ---------------------------------------------------------------------------- batch norm
-
-
-class _BatchNormTrain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        c = x.shape[1]
-        dims = (0,) if x.dim() == 2 else (0, 2, 3)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        n = x.numel() // c
-        mean = x.sum(dims) / n
-        xc = x - mean.view(shape)
-        var = (xc * xc).sum(dims) / n  # biased, as batch norm normalises with it
-        invstd = torch.rsqrt(var + eps)
-        a = invstd * weight
-        y = torch.addcmul(bias.view(shape), xc, a.view(shape))
-        ctx.save_for_backward(xc, invstd, a)
-        ctx.dims, ctx.shape, ctx.n = dims, shape, n
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, gy, _gmean, _gvar):
-        xc, invstd, a = ctx.saved_tensors
-        dims, shape, n = ctx.dims, ctx.shape, ctx.n
-        gbeta = gy.sum(dims)
-        gxc = (gy * xc).sum(dims)
-        ggamma = gxc * invstd
-        gx = None
-        if ctx.needs_input_grad[0]:
-            # d/dx of (x - mean) * invstd * gamma + beta with batch mean and variance:
-            # a * (gy - mean(gy) - xc * invstd^2 * mean(gy * xc))
-            k1 = a * invstd * invstd * gxc / n
-            k0 = a * gbeta / n
-            gx = gy * a.view(shape) - torch.addcmul(k0.view(shape), xc, k1.view(shape))
-        return gx, ggamma, gbeta, None
-
-
-def batch_norm_train(x, bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
-    """bn(x) in training mode (batch statistics), updating bn's running statistics as torch does."""
-    y, mean, var = _BatchNormTrain.apply(x, bn.weight, bn.bias, bn.eps)
-    if bn.track_running_stats:
-        n = x.numel() // x.shape[1]
-        m = bn.momentum
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
-            bn.running_var.mul_(1 - m).add_(var * (n / max(n - 1, 1)), alpha=m)
-    return y
-
-
-def can_batch_norm_fast(bn) -> bool:
-    return bn.affine and bn.momentum is not None
 
 
 # ---------------------------------------------------------------------------- max-pool
@@ -210,5 +157,31 @@ def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float) 
         u = raw.to(torch.float32)
     else:
         u = (raw.view(torch.int16).to(torch.int32) & 0xFFFF).to(torch.float32)
-    m = u.neg_().add_(threshold).mul_(scale).clamp_(0.0, scale)
+    m = torch.rsub(u, threshold).mul_(scale).clamp_(0.0, scale)  # (threshold - u) * scale
     return m.view(shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------- allocator
+
+_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """glibc malloc returns large freed blocks to the OS (mmap/trim), so every training step
+    page-faults its activations back in: ~1.5 ms of system time per lab2 step. Raising the
+    mmap and trim thresholds keeps them in the process. Process-wide, numerics untouched;
+    a no-op where there is no glibc. Returns whether it applied."""
+    global _TUNED
+    if _TUNED:
+        return True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    _TUNED = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+    return _TUNED

@@ -3,7 +3,8 @@
 The layers are exactly spec.layer_table's rows, in order, so the summary, the graph and
 the network cannot disagree. Dropout uses FastDropout, which draws its mask from random
 bytes instead of bernoulli_ (about 9x cheaper on the CPU) while keeping the distribution
-exact; see FastDropout.
+exact; see FastDropout. On the CPU, Net.forward routes max-pool and the first conv through
+cnnlab.fastops (same values and gradients, cheaper kernels; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -55,17 +56,21 @@ class FastDropout(nn.Module):
         return x * self.mask(x.shape, x.device, x.dtype)
 
 
-FAST_OPS = {"conv", "bn", "pool"}
+# The fast paths Net(fast=True) takes; bench/ablate.py switches them off one by one.
+FAST_PATHS = {"pool", "conv1"}
 
 
 class Net(nn.Sequential):
     """conv blocks -> flatten -> fc blocks -> output Linear. Input (B, C, H, W).
 
     With fast=True (the default) forward runs the same layers through cnnlab.fastops on the
-    CPU: the same values and gradients (float rounding aside), cheaper kernels. ReLU followed
-    by a 2x2 max-pool runs as pool-then-ReLU, which is exact: max and ReLU commute, and the
-    gradient reaches the same element. The modules, their parameters and state_dict keys are
-    the plain nn.Sequential's either way.
+    CPU: the same values and gradients (float rounding aside), cheaper kernels:
+    - a 2x2 max-pool runs as pairwise maxima (fastops.max_pool2x2), and ReLU followed by it
+      as pool-then-ReLU, which is exact: max and ReLU commute, the gradient reaches the same
+      element, and the ReLU touches a quarter of the values;
+    - the first conv while training (its input needs no gradient) runs as im2col + matmul,
+      whose weight gradient is much cheaper than torch's CPU conv backward at these sizes.
+    The modules, their parameters and state_dict keys are the plain nn.Sequential's either way.
     """
 
     def __init__(self, spec: ModelSpec, in_shape: tuple[int, int, int], num_classes: int,
@@ -90,14 +95,12 @@ class Net(nn.Sequential):
         while i < n:
             m = layers[i]
             nxt = layers[i + 1] if i + 1 < n else None
-            if isinstance(m, nn.Conv2d) and "conv" in FAST_OPS and _gemm_conv(m, x):
+            if isinstance(m, nn.Conv2d) and "conv1" in FAST_PATHS and _gemm_conv(m, x):
                 x = fastops.conv2d_gemm(x, m.weight, m.bias, m.stride[0], m.padding[0])
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and "bn" in FAST_OPS and m.training and fastops.can_batch_norm_fast(m):
-                x = fastops.batch_norm_train(x, m)
-            elif isinstance(m, nn.ReLU) and "pool" in FAST_OPS and isinstance(nxt, nn.MaxPool2d) and fastops.is_pool2x2(nxt):
+            elif isinstance(m, nn.ReLU) and "pool" in FAST_PATHS and isinstance(nxt, nn.MaxPool2d) and fastops.is_pool2x2(nxt):
                 x = torch.relu(fastops.max_pool2x2(x))  # = pool(relu(x)), values and gradients
                 i += 1
-            elif isinstance(m, nn.MaxPool2d) and "pool" in FAST_OPS and fastops.is_pool2x2(m):
+            elif isinstance(m, nn.MaxPool2d) and "pool" in FAST_PATHS and fastops.is_pool2x2(m):
                 x = fastops.max_pool2x2(x)
             else:
                 x = m(x)

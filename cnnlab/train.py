@@ -6,6 +6,8 @@ Speed without changing the protocol (docs/performance.md):
 - the whole split lives on the device as one float tensor, indexed per batch;
 - metrics accumulate on the device; the host syncs once per epoch;
 - dropout masks come from random bytes (model.FastDropout), exact distribution;
+- on the CPU, model.Net's fast path (cnnlab.fastops: pool, first conv) and malloc kept from
+  returning memory to the OS (fastops.tune_allocator);
 - evaluation runs under inference_mode in large chunks, while the loss is still reported
   as the lab's "sum of per-batch mean losses" at the training batch size.
 """
@@ -27,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import __version__
+from cnnlab import __version__, fastops
 from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
-from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files
+from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
 from cnnlab.model import build_model
 from cnnlab.spec import layer_table
 
@@ -266,8 +268,6 @@ def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, ec
     `progress(epoch, step, steps)` is called at each epoch start and end (for displays).
     A NaN/Inf loss stops the run, marks it failed and writes no checkpoint after it.
     """
-    from filelock import FileLock, Timeout
-
     from cnnlab import checkpoint
     from cnnlab.data import load_dataset
 
@@ -279,16 +279,9 @@ def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, ec
         raise RunError(f"cannot create run directory {out}: {e.strerror}; choose a writable --out") from None
     if not os.access(out, os.W_OK):
         raise RunError(f"run directory {out} is not writable; choose another --out")
-    lock = FileLock(str(out / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunError(f"run directory {out} is in use by another cnnlab process (lock {out / '.lock'})") from None
-    try:
+    with exclusive(out, ".lock", f"run directory {out} is in use by another cnnlab process (lock {out / '.lock'})"):
         return _train_locked(cfg, out, dataset or load_dataset(cfg.data.name), resume, echo, progress,
                              command, checkpoint)
-    finally:
-        lock.release()
 
 
 def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> dict:
@@ -299,6 +292,8 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
+    if device.type == "cpu":
+        fastops.tune_allocator()  # no page faults per step; numerics untouched
     in_shape, num_classes = ds.input_shape, ds.num_classes
     layer_table(cfg.model, in_shape, num_classes)  # shape check before any work
 
@@ -350,9 +345,10 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
             progress(epoch, 0, steps)
         model.train()
         perm = torch.randperm(n, generator=order_gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        # per-step results stay on the device, one small copy each; the host reads them
+        # once, after the epoch (no sync inside it)
+        step_loss = torch.empty(steps, device=device)
+        pred = torch.empty(n, dtype=torch.int64, device=device)  # in batch order
         for step in range(steps):
             idx = perm[step * bs : (step + 1) * bs]
             xb, yb = data.x_train[idx], data.y_train[idx]
@@ -361,18 +357,17 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss = loss.detach()
-            loss_sum += loss
-            correct += (logits.detach().argmax(1) == yb).sum()
-            # record the first non-finite step without a host sync
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            step_loss[step] = loss.detach()
+            torch.argmax(logits.detach(), 1, out=pred[step * bs : (step + 1) * bs])
             if progress and step % 20 == 19:
                 progress(epoch, step + 1, steps)
             _maybe_die(fault, "kill", epoch, step)
-        bad = int(first_bad)
-        if bad >= 0:
+        loss_sum = step_loss.sum()
+        bad = int(torch.argmin(torch.isfinite(step_loss).to(torch.int8)))  # the first non-finite step
+        if not math.isfinite(step_loss[bad]):
             return _fail(out, base_result, t0, epoch, bad, rows,
                          f"loss became {float(loss_sum)} at epoch {epoch}, step {bad}; lower the learning rate (lr={tc.lr})")
+        correct = (pred == data.y_train[perm]).sum()
         vl, va, _, _ = evaluate(model, data.x_val, data.y_val, bs, tc.eval_mode, tc.seed + 1)
         row = {"epoch": epoch, "train_loss": float(loss_sum), "train_acc": int(correct) * 100.0 / n,
                "val_loss": vl, "val_acc": va, "seconds": time.time() - te}

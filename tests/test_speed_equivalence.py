@@ -44,25 +44,22 @@ def no_dropout(spec):
 # ---------------------------------------------------------------------------- engine == plain loop
 
 
-@pytest.mark.parametrize("preset", ["lab2-3c3f-bn", "lab2-2c2f"])
-def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
+def _engine_and_plain(tmp_path, preset, seed=3, epochs=3):
+    """Train `preset` without dropout with the engine and with the plain loop, from the same
+    seed, split and batch order (the engine's: a CPU generator seeded with the seed, one
+    randperm per epoch). Returns (engine run dir, plain result, data, spec)."""
     from cnnlab.config import DataConfig, RunConfig, TrainConfig
     from cnnlab.data import load_dataset
     from cnnlab.train import make_split, to_tensors, train_run
-    from cnnlab.checkpoint import load
 
     torch.set_num_threads(1)
     idx = make_idx_dir(tmp_path / "synth", n_train=700, n_test=200, size=(28, 28), classes=10)
     ds = load_dataset(f"idx:{idx}")
     spec = no_dropout(PRESETS[preset])
-    seed, epochs = 3, 3
     cfg = RunConfig(data=DataConfig(name=f"idx:{idx}", val_size=100), model=spec,
                     train=TrainConfig(epochs=epochs, seed=seed, device="cpu", threads=1), preset=None)
     train_run(cfg, tmp_path / "engine", dataset=ds, echo=lambda *_: None)
-    engine_rows = list(csv.DictReader(open(tmp_path / "engine" / "metrics.csv")))
-    engine_state, _ = load(tmp_path / "engine" / "checkpoints" / "last.safetensors")
 
-    # the plain loop, fed the engine's split and batch order
     train_idx, val_idx = make_split(len(ds.train_labels), 100, seed)
     data = to_tensors(ds, train_idx, val_idx, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
@@ -75,28 +72,54 @@ def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
     torch.manual_seed(seed)
     b = plain_model(spec, ds.input_shape, ds.num_classes).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    losses = [float(r["train_loss"]) for r in engine_rows]
-    np.testing.assert_allclose(losses, plain.train_loss, rtol=1e-4)
-    # A bias right before a BatchNorm has a true gradient of 0 (the BN subtracts the batch mean);
-    # Adam scales its float-noise gradient up to full-size steps, so it (and the BN's running mean,
-    # which carries it) wanders differently under any change of summation order. It never
-    # changes an output; every other tensor must agree.
-    layers = list(plain.model)
-    skip = set()
-    for i, (m, nxt) in enumerate(zip(layers, layers[1:])):
-        if isinstance(nxt, torch.nn.modules.batchnorm._BatchNorm):
-            skip |= {f"{i}.bias", f"{i + 1}.running_mean"}
-    final = plain.model.state_dict()
-    assert len(skip) < len(final) / 2
-    for k, v in final.items():
-        if k not in skip:
-            np.testing.assert_allclose(engine_state[f"model.{k}"].numpy(), v.numpy(), rtol=1e-3, atol=1e-4, err_msg=k)
-    assert len(plain.train_loss) == epochs and losses[-1] < losses[0]  # it did train
+    return tmp_path / "engine", plain, data, spec
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("size", [28, 15])
+def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
+    from cnnlab.checkpoint import load
+
+    run, plain, data, spec = _engine_and_plain(tmp_path, preset)
+    losses = [float(r["train_loss"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    np.testing.assert_allclose(losses, plain.train_loss, rtol=1e-3)  # every epoch
+    assert losses[-1] < losses[0]  # it did train
+    state, _ = load(run / "checkpoints" / "last.safetensors")
+    engine = build_model(spec, (1, 28, 28), 10)
+    engine.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    engine.eval(), plain.model.eval()
+    with torch.no_grad():
+        a, b = engine(data.x_test), plain.model(data.x_test)
+    torch.testing.assert_close(a, b, rtol=0, atol=0.05)  # the same function
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+
+
+def test_engine_ends_with_the_plain_loops_weights(tmp_path):
+    """lab2-3c3f-bn: every weight within float tolerance of the plain loop's.
+
+    The exception is a bias right before a BatchNorm: its true gradient is 0 (the BN
+    subtracts the batch mean), and Adam scales its float-noise gradient up to full-size
+    steps, so it (and the BN's running mean, which carries it) wanders differently under any
+    change of summation order, fused Adam included. It never changes an output. (Without
+    BN the same amplification reaches weights whose gradients nearly cancel, which is why
+    the other presets are compared by function above.)"""
+    from cnnlab.checkpoint import load
+
+    run, plain, _, _ = _engine_and_plain(tmp_path, "lab2-3c3f-bn")
+    state, _ = load(run / "checkpoints" / "last.safetensors")
+    layers = list(plain.model)
+    skip = set()
+    for i, nxt in enumerate(layers[1:]):
+        if isinstance(nxt, torch.nn.modules.batchnorm._BatchNorm):
+            skip |= {f"{i}.bias", f"{i + 1}.running_mean"}
+    final = plain.model.state_dict()
+    assert len(skip) == 10  # 5 BatchNorms
+    for k, v in final.items():
+        if k not in skip:
+            np.testing.assert_allclose(state[f"model.{k}"].numpy(), v.numpy(), rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("size", [28, 19])
 def test_fast_forward_backward_equals_plain_modules_with_the_same_masks(preset, size):
     """Net(fast=True) against Net(fast=False), dropout on: same masks (same RNG state),
     so outputs, every gradient and the BatchNorm running statistics must agree."""
@@ -160,27 +183,6 @@ def test_conv2d_gemm_matches_conv2d(c, o, h, stride, pad, bias):
         grads.append((out,) + torch.autograd.grad(out, [t for t in (xr, w, b) if t is not None], g))
     for r, f in zip(*grads):
         torch.testing.assert_close(r, f, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("shape", [(50, 6, 28, 28), (50, 128), (7, 3, 5, 5)])
-def test_batch_norm_train_matches_nn_batchnorm(shape):
-    torch.manual_seed(0)
-    ref = torch.nn.BatchNorm2d(shape[1]) if len(shape) == 4 else torch.nn.BatchNorm1d(shape[1])
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-1, 1)
-    mine = copy.deepcopy(ref)
-    x = torch.randn(*shape) * 3 + 1
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    for _ in range(2):  # twice: running statistics accumulate the same way
-        ya, yb = ref(a), fastops.batch_norm_train(b, mine)
-    g = torch.randn_like(ya)
-    ya.backward(g), yb.backward(g)
-    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ref.weight.grad, mine.weight.grad, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(ref.bias.grad, mine.bias.grad, rtol=1e-4, atol=1e-3)
-    for k in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(ref, k), getattr(mine, k), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- the dropout distribution
