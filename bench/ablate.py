@@ -13,7 +13,6 @@ once with --no-tune-allocator to see its share. Numbers: docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time

@@ -139,7 +139,7 @@ def evaluate(model, x, y, batch_size: int, mode: str = "eval", seed: int = 0):
     training random stream.
     """
     was_training = model.training
-    preds, probs, losses = [], [], []
+    probs, losses = [], []
     try:
         if mode == "eval":
             model.eval()
