@@ -46,10 +46,18 @@ def configs(spec):
     torch.manual_seed(0)
     out = {"plain (nn.Dropout, Adam for-loop)": (plain_model(spec, (1, 28, 28), 10), dict(), set())}
     for name, paths in [("FastDropout + fused Adam", set()), ("+ fast max-pool, ReLU after it", {"pool"}),
-                        ("+ first conv as GEMM (engine)", {"pool", "conv1"})]:
+                        ("+ first conv as GEMM", {"pool", "conv1"}),
+                        ("+ native blocks, lean Adam (engine)", {"pool", "conv1", "native"})]:
         torch.manual_seed(0)
         out[name] = (M.build_model(spec, (1, 28, 28), 10), dict(fused=True), paths)
-    return {k: (m, torch.optim.Adam(m.parameters(), lr=1e-3, **kw), paths) for k, (m, kw, paths) in out.items()}
+    from cnnlab.fastops import LeanAdam
+
+    def opt(m, kw, paths):
+        if "native" in paths:  # the engine's optimizer: the same fused kernel, less Python
+            return LeanAdam(m.parameters(), lr=1e-3)
+        return torch.optim.Adam(m.parameters(), lr=1e-3, **kw)
+
+    return {k: (m, opt(m, kw, paths), paths) for k, (m, kw, paths) in out.items()}
 
 
 def train_steps(model, opt, x, y, steps: int, start: int, bs: int = 50) -> int:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cnnlab import native
+
 # ---------------------------------------------------------------------------- convolution
 
 
@@ -135,14 +137,25 @@ def is_pool2x2(pool: torch.nn.MaxPool2d) -> bool:
 # ---------------------------------------------------------------------------- dropout
 
 
-def random_bytes(n: int, device) -> torch.Tensor:
-    """n uniform random bytes (uint8) from torch's generator: int64 random_ over the full
-    64-bit range gives 8 independent uniform bytes per draw, ~15x cheaper than bernoulli_."""
+def random_bytes(n: int, device, native_rng: bool = True) -> torch.Tensor:
+    """n uniform random bytes (uint8) drawn under torch's generator.
+
+    On the CPU with cnnlab's native kernels (and native_rng): xoshiro256++ in C, seeded by
+    one 64-bit draw from torch's generator, ~5x cheaper than the alternative. Otherwise int64
+    random_ over the full 64-bit range, 8 independent uniform bytes per draw, itself ~15x
+    cheaper than bernoulli_. Either way torch.manual_seed makes the bytes reproducible."""
+    if native_rng and torch.device(device).type == "cpu":
+        lib = native.library()
+        if lib is not None:
+            seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
+            out = torch.empty(n, dtype=torch.uint8)
+            lib.cl_random_bytes(out.data_ptr(), n, seed)
+            return out
     words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None)
     return words.view(torch.uint8)[:n]
 
 
-def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float) -> torch.Tensor:
+def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float, native_rng: bool = True) -> torch.Tensor:
     """Float mask: scale where a uniform `bits`-bit integer u < threshold, else 0.
 
     The mask is ((threshold - u) * scale) clamped to [0, scale]: u and threshold are
@@ -152,7 +165,7 @@ def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float) 
     n = 1
     for d in shape:
         n *= d
-    raw = random_bytes(n * bits // 8, device)
+    raw = random_bytes(n * bits // 8, device, native_rng)
     if bits == 8:
         u = raw.to(torch.float32)
     else:
@@ -185,3 +198,171 @@ def tune_allocator() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     _TUNED = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
     return _TUNED
+
+
+# ---------------------------------------------------------------------------- fused conv block
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class BlockParts:
+    """A hidden block's modules, as model.Net holds them: Conv2d or Linear, then optional
+    BatchNorm, FastDropout and (conv only) MaxPool2d; the ReLU is always there."""
+
+    def __init__(self, layer, bn=None, drop=None, pool=None, out_hw=(1, 1)):
+        self.conv, self.bn, self.drop, self.pool = layer, bn, drop, pool
+        self.fc = isinstance(layer, torch.nn.Linear)
+        self.out_hw = tuple(out_hw)  # the layer's output size, from the layer table ((1, 1) for fc)
+
+    def native_ok(self, x: torch.Tensor) -> bool:
+        """Whether `block` can run this block, in the current mode, for the net's input x (NCHW)."""
+        c = self.conv
+        if not self.fc and not (c.groups == 1 and c.dilation == (1, 1) and c.padding_mode == "zeros" and isinstance(c.padding, tuple)
+                and c.kernel_size[0] == c.kernel_size[1] and c.stride[0] == c.stride[1]
+                and c.padding[0] == c.padding[1]):
+            return False
+        if self.pool is not None and not (self.pool.kernel_size == self.pool.stride and self.pool.padding == 0
+                                          and self.pool.dilation == 1 and not self.pool.ceil_mode
+                                          and _int(self.pool.kernel_size) ** 2 < 255):
+            return False  # the kernels keep a window's winner in one byte, 255 meaning "none"
+        if self.drop is not None and self.drop.training and self.drop.p > 0 and getattr(self.drop, "bits", None) is None:
+            return False  # a p without an exact 8/16-bit threshold: torch's dropout
+        bn = self.bn
+        if bn is not None:
+            if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
+                return False
+            if not bn.training and torch.is_grad_enabled() and (bn.weight.requires_grad or x.requires_grad):
+                return False  # backward through running statistics: torch's
+            if bn.training and x.shape[0] * self.out_hw[0] * self.out_hw[1] < 2:
+                return False  # torch raises its own error for one value per channel
+        return True
+
+
+def _int(v) -> int:
+    return v[0] if isinstance(v, tuple) else v
+
+
+def _conv_geometry(x, parts):
+    """(C, B, H, W, k, s, p, Ho, Wo) of a block's input; an fc block is a 1x1 "conv" on [F][B]."""
+    if parts.fc:
+        return x.shape[0], x.shape[1], 1, 1, 1, 1, 0, 1, 1
+    C, B, H, W = x.shape
+    conv = parts.conv
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return C, B, H, W, k, s, p, (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+
+
+class _Block(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta, parts, mask, lib):
+        bn, drop, pool = parts.bn, parts.drop, parts.pool
+        C, B, H, W, k, s, p, Ho, Wo = geo = _conv_geometry(x, parts)
+        O = weight.shape[0]
+        pk = pool.kernel_size if pool is not None else 0
+        pk = pk[0] if isinstance(pk, tuple) else pk
+        N = B * Ho * Wo
+        if parts.fc:
+            cols = x  # [F][B]
+        else:
+            cols = torch.empty(C * k * k, N)
+            lib.cl_im2col(x.data_ptr(), cols.data_ptr(), C, B, H, W, k, s, p, Ho, Wo)
+        z = torch.mm(weight.view(O, -1), cols)
+        Hp, Wp = (Ho // pk, Wo // pk) if pk else (Ho, Wo)
+        out = torch.empty((O, B, Hp, Wp) if not parts.fc else (O, B))
+        grad = any(ctx.needs_input_grad[:5])
+        arg = torch.empty(out.shape, dtype=torch.uint8) if grad else None
+        batch_stats = bn is not None and bn.training
+        invstd = torch.empty(O) if bn is not None else None
+        tmp = torch.empty(2 * Ho * Wo)
+        bits, thr, scale = (drop.bits, drop.threshold, drop.scale) if mask is not None else (8, 0, 0.0)
+        lib.cl_block_forward(
+            z.data_ptr(), O, B, Ho, Wo, _ptr(bias), _ptr(gamma), _ptr(beta),
+            _ptr(bn.running_mean) if bn is not None else None, _ptr(bn.running_var) if bn is not None else None,
+            int(batch_stats), float(bn.momentum) if bn is not None else 0.0, float(bn.eps) if bn is not None else 0.0,
+            None, _ptr(invstd), _ptr(mask), bits, thr, scale, pk, out.data_ptr(), _ptr(arg), tmp.data_ptr())
+        if batch_stats:
+            bn.num_batches_tracked.add_(1)
+        if grad:
+            ctx.save_for_backward(cols, weight, z, arg, mask, gamma, invstd)
+            ctx.conf = (geo, O, pk, bits, thr, scale, bias is not None, parts.fc, lib)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        cols, weight, zhat, arg, mask, gamma, invstd = ctx.saved_tensors
+        (C, B, H, W, k, s, p, Ho, Wo), O, pk, bits, thr, scale, has_bias, fc, lib = ctx.conf
+        gout = gout.contiguous()
+        gz = torch.empty(O, B * Ho * Wo)
+        need = ctx.needs_input_grad
+        dbias = torch.empty(O) if has_bias and need[2] else None
+        dgamma = torch.empty(O) if gamma is not None and need[3] else None
+        dbeta = torch.empty(O) if gamma is not None and need[4] else None
+        lib.cl_block_backward(gout.data_ptr(), arg.data_ptr(), zhat.data_ptr(), gz.data_ptr(), O, B, Ho, Wo,
+                              _ptr(mask), bits, thr, scale, pk, _ptr(gamma), _ptr(invstd), _ptr(dgamma),
+                              _ptr(dbeta), _ptr(dbias))
+        dw = torch.mm(gz, cols.t()).view_as(weight) if need[1] else None
+        dx = None
+        if need[0]:
+            dcols = torch.mm(weight.view(O, -1).t(), gz)
+            if fc:
+                dx = dcols
+            else:
+                dx = torch.empty(C, B, H, W)
+                lib.cl_col2im(dcols.data_ptr(), dx.data_ptr(), C, B, H, W, k, s, p, Ho, Wo)
+        return dx, dw, dbias, dgamma, dbeta, None, None, None
+
+
+def block(x: torch.Tensor, parts: BlockParts, lib) -> torch.Tensor:
+    """One hidden block with the native kernels (cnnlab/native/kernels.c), channel-major:
+    a conv block (conv, [batch norm], [dropout], ReLU, [max-pool]) maps [C][B][H][W] to
+    [O][B][Ho'][Wo']; an fc block (Linear, [batch norm], [dropout], ReLU) maps [F][B] to [O][B].
+    float32 on the CPU.
+
+    The dropout mask takes the random bytes FastDropout.mask would take, in the same order and
+    indexed by the unit's NCHW position, so the torch path and this one use the same mask."""
+    drop, bn = parts.drop, parts.bn
+    mask = None
+    if drop is not None and drop.training and drop.p > 0:
+        _, B, _, _, _, _, _, Ho, Wo = _conv_geometry(x, parts)
+        mask = random_bytes(B * parts.conv.weight.shape[0] * Ho * Wo * drop.bits // 8, x.device)
+    gamma = bn.weight if bn is not None else None
+    beta = bn.bias if bn is not None else None
+    return _Block.apply(x.contiguous(), parts.conv.weight, parts.conv.bias, gamma, beta, parts, mask, lib)
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+class LeanAdam(torch.optim.Adam):
+    """torch.optim.Adam(fused=True) with a shorter step: the same fused kernel with the same
+    arguments, so the same numbers bit for bit (tests/test_speed_equivalence.py), without the
+    generic step's per-call Python (grouping by device and dtype, option checks, hooks), which
+    cost more than the kernel itself at the lab's 60k parameters. Anything outside the plain
+    case (several groups, amsgrad, weight decay, a closure, the first step that creates the
+    state, a missing gradient) goes through torch's own step. State and state_dict are torch's."""
+
+    def __init__(self, params, lr: float = 1e-3):
+        super().__init__(params, lr=lr, fused=True)
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        g = groups[0]
+        if (closure is not None or len(groups) != 1 or g["amsgrad"] or g["maximize"] or g["weight_decay"]
+                or g["capturable"] or g["differentiable"] or g.get("decoupled_weight_decay") or not g["fused"]
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+            return super().step(closure)
+        params = g["params"]
+        states = [self.state.get(p) for p in params]
+        if any(not s or p.grad is None for p, s in zip(params, states)):
+            return super().step()
+        steps = [s["step"] for s in states]
+        beta1, beta2 = g["betas"]
+        with torch.no_grad():
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                               [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=g["lr"],
+                               beta1=beta1, beta2=beta2, weight_decay=0.0, eps=g["eps"], maximize=False,
+                               grad_scale=None, found_inf=None)
+        return None

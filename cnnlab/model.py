@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnlab import fastops
+from cnnlab import fastops, native
 from cnnlab.spec import ModelSpec, layer_table
 
 
@@ -46,7 +46,8 @@ class FastDropout(nn.Module):
 
     def mask(self, shape, device, dtype) -> torch.Tensor:
         """The float mask: 1/(1 - p) for a kept unit, 0 for a dropped one."""
-        return fastops.dropout_mask(shape, device, dtype, self.bits, self.threshold, self.scale)
+        return fastops.dropout_mask(shape, device, dtype, self.bits, self.threshold, self.scale,
+                                    native_rng="native" in FAST_PATHS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -57,7 +58,7 @@ class FastDropout(nn.Module):
 
 
 # The fast paths Net(fast=True) takes; bench/ablate.py switches them off one by one.
-FAST_PATHS = {"pool", "conv1"}
+FAST_PATHS = {"pool", "conv1", "native"}
 
 
 class Net(nn.Sequential):
@@ -86,12 +87,41 @@ class Net(nn.Sequential):
         super().__init__(*layers)
         self.spec, self.in_shape, self.num_classes = spec, tuple(in_shape), num_classes
         self.fast = fast
+        # the hidden blocks' modules, for the native path; a plain list, so nothing is
+        # registered twice. _native_end: index of the first layer after them (the output Linear).
+        self._blocks: list[fastops.BlockParts] = []
+        self._native_end = 0
+        mods = [(j, m) for j, m in enumerate(self) if not isinstance(m, nn.Flatten)]
+        for row, (j, m) in zip(rows, mods):
+            if row.block == "out":
+                self._native_end = j
+                break
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                self._blocks.append(fastops.BlockParts(m, out_hw=tuple(row.out_shape[1:]) or (1, 1)))
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                self._blocks[-1].bn = m
+            elif isinstance(m, (FastDropout, nn.Dropout)):
+                self._blocks[-1].drop = m
+            elif isinstance(m, nn.MaxPool2d):
+                self._blocks[-1].pool = m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast or x.device.type != "cpu":
             return super().forward(x)
         layers = list(self)
         i, n = 0, len(layers)
+        lib = native.library() if "native" in FAST_PATHS and x.dtype == torch.float32 else None
+        if (lib is not None and self._blocks and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape
+                and all(parts.native_ok(x) for parts in self._blocks)):
+            # channel-major all the way: conv activations [C][B][H][W], fc ones [F][B]
+            h = x.transpose(0, 1)  # a view, already contiguous for one input channel
+            for parts in self._blocks:
+                if parts.fc and h.dim() == 4:  # flatten in NCHW feature order: [C*H*W][B]
+                    c, b = h.shape[:2]
+                    h = h.reshape(c, b, -1).transpose(1, 2).reshape(-1, b)
+                h = fastops.block(h, parts, lib)
+            x = h.transpose(0, 1)  # (B, C, H, W) or (B, F), a view
+            i = self._native_end if h.dim() == 2 else next(j for j, m in enumerate(layers) if isinstance(m, nn.Flatten))
         while i < n:
             m = layers[i]
             nxt = layers[i + 1] if i + 1 < n else None

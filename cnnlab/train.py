@@ -6,8 +6,10 @@ Speed without changing the protocol (docs/performance.md):
 - the whole split lives on the device as one float tensor, indexed per batch;
 - metrics accumulate on the device; the host syncs once per epoch;
 - dropout masks come from random bytes (model.FastDropout), exact distribution;
-- on the CPU, model.Net's fast path (cnnlab.fastops: pool, first conv) and malloc kept from
-  returning memory to the OS (fastops.tune_allocator);
+- on the CPU, model.Net runs its hidden blocks on cnnlab's native kernels (cnnlab/native,
+  compiled on first use; torch's fast path in cnnlab.fastops without a C compiler), malloc
+  is kept from returning memory to the OS (fastops.tune_allocator), and Adam takes a leaner
+  step into the same fused kernel (fastops.LeanAdam);
 - evaluation runs under inference_mode in large chunks, while the loss is still reported
   as the lab's "sum of per-batch mean losses" at the training batch size.
 """
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import __version__, fastops
+from cnnlab import __version__, fastops, native
 from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
@@ -79,6 +81,11 @@ def versions() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
+
+
+def kernels(dev: torch.device) -> str:
+    """Which kernels train on dev: on the CPU cnnlab's native ones, or torch's and why."""
+    return native.describe() if dev.type == "cpu" else f"torch ({dev.type})"
 
 
 # ---------------------------------------------------------------------------- data
@@ -255,8 +262,9 @@ def read_metrics(run_dir) -> list[dict]:
 
 def make_optimizer(model, cfg: RunConfig, device):
     # Fused Adam: one kernel for all parameters (same update rule, float-level differences only).
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=fused)
+    if device.type in ("cpu", "cuda"):
+        return fastops.LeanAdam(model.parameters(), lr=cfg.train.lr)  # = Adam(fused=True), bit for bit
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
 
 
 def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, echo=print,
@@ -327,7 +335,7 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
     atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows))
     base_result = {
         "seed": tc.seed, "eval_mode": tc.eval_mode, "epochs": tc.epochs, "device": device_name(device),
-        "versions": versions(), "command": command or " ".join(sys.argv),
+        "versions": versions(), "kernels": kernels(device), "command": command or " ".join(sys.argv),
         "params": sum(p.numel() for p in model.parameters()),
         "data": {"name": ds.name, "source": ds.source, "sha256": ds.sha256, "n_train": len(train_idx),
                  "n_val": len(val_idx), "n_test": len(ds.test_labels), "input_shape": list(in_shape),

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up shared by ./run.sh and ./test.sh.
 #   - Debian packages: graphviz (model graphs), chromium (report rendering test),
-#     dataset-fashion-mnist (offline Fashion-MNIST). Installed only when missing,
+#     dataset-fashion-mnist (offline Fashion-MNIST), gcc (cnnlab's native CPU kernels;
+#     without it training falls back to torch's slower kernels). Installed only when missing,
 #     and only when we can (root or passwordless sudo); otherwise a warning.
 #   - .venv with cnnlab installed editable, re-installed only when pyproject.toml changes.
 #   - MNIST in the cache ($CNNLAB_DATA, default ~/.cache/cnnlab), fetched only when missing.
+#   - cnnlab's native CPU kernels, built once (cnnlab/native; cached in ~/.cache/cnnlab/native).
 # Extra pip extras can be asked for with CNNLAB_EXTRAS (e.g. CNNLAB_EXTRAS=test,ray).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,7 @@ need_apt=()
 command -v dot >/dev/null 2>&1 || need_apt+=(graphviz)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then
@@ -44,3 +47,5 @@ fi
 
 # Data: a no-op when the verified files are already in the cache.
 .venv/bin/cnnlab data fetch mnist --quiet
+# cnnlab's native CPU kernels: compiled once per machine (about a second), cached.
+.venv/bin/python -c "from cnnlab import native; print('setup: CPU kernels:', native.describe())"

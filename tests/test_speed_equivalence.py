@@ -81,7 +81,11 @@ def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
 
     run, plain, data, spec = _engine_and_plain(tmp_path, preset)
     losses = [float(r["train_loss"]) for r in csv.DictReader(open(run / "metrics.csv"))]
-    np.testing.assert_allclose(losses, plain.train_loss, rtol=1e-3)  # every epoch
+    # Every epoch. Not tighter: float32 rounding alone moves these 3-epoch losses by up to
+    # ~3e-3 (the plain loop in float32 against itself in float64: 2.6e-3 for lab2-2c3f), as
+    # Adam turns near-zero gradients into full-size steps and a ReLU or max-pool decision on
+    # a knife edge flips. Op-by-op equality is tested strictly below (same masks, rtol 1e-4).
+    np.testing.assert_allclose(losses, plain.train_loss, rtol=5e-3)
     assert losses[-1] < losses[0]  # it did train
     state, _ = load(run / "checkpoints" / "last.safetensors")
     engine = build_model(spec, (1, 28, 28), 10)
@@ -94,7 +98,7 @@ def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
 
 
 def test_engine_ends_with_the_plain_loops_weights(tmp_path):
-    """lab2-3c3f-bn: every weight within float tolerance of the plain loop's.
+    """lab2-3c3f-bn: the weights end within float tolerance of the plain loop's.
 
     The exception is a bias right before a BatchNorm: its true gradient is 0 (the BN
     subtracts the batch mean), and Adam scales its float-noise gradient up to full-size
@@ -113,9 +117,18 @@ def test_engine_ends_with_the_plain_loops_weights(tmp_path):
             skip |= {f"{i}.bias", f"{i + 1}.running_mean"}
     final = plain.model.state_dict()
     assert len(skip) == 10  # 5 BatchNorms
+    # 36 Adam steps of lr 1e-3 move a weight by up to 0.036: a wrong gradient (sign, scale, a
+    # missing term) moves a whole layer differently by that much. Float rounding moves single
+    # units: a hidden unit whose ReLU sits on a knife edge takes the other side, and its
+    # weights and BatchNorm statistics follow (here a few fc1 units, by up to 3e-3, and 5%
+    # in their running variance). Any of the paths does that at some seeds: against the
+    # plain loop in float64, the plain loop in float32 was the one off at seed 5, the engine
+    # at seed 3. So, relative to |value| + 0.1, per tensor: the median difference under 5e-3
+    # (2e-3 at most here; a wrong gradient gives ~0.2), and none over 0.2.
     for k, v in final.items():
         if k not in skip:
-            np.testing.assert_allclose(state[f"model.{k}"].numpy(), v.numpy(), rtol=1e-3, atol=1e-5, err_msg=k)
+            rel = (state[f"model.{k}"] - v).abs() / (v.abs() + 0.1)
+            assert rel.median() < 5e-3 and rel.max() < 0.2, (k, float(rel.median()), float(rel.max()))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -190,6 +203,18 @@ def test_conv2d_gemm_matches_conv2d(c, o, h, stride, pad, bias):
 N = 1 << 22  # 4M mask elements per p
 
 
+@pytest.fixture(params=["native", "torch"])
+def rng(request, monkeypatch):
+    """Where mask bytes come from: cnnlab's C generator (with the native kernels) or torch's random_."""
+    from cnnlab import model, native
+
+    if request.param == "native" and native.library() is None:
+        pytest.skip(native.describe())
+    paths = set(model.FAST_PATHS) | {"native"} if request.param == "native" else set(model.FAST_PATHS) - {"native"}
+    monkeypatch.setattr(model, "FAST_PATHS", paths)
+    return request.param
+
+
 def _mask(p, n=N, seed=0):
     torch.manual_seed(seed)
     d = FastDropout(p)
@@ -198,7 +223,7 @@ def _mask(p, n=N, seed=0):
 
 
 @pytest.mark.parametrize("p", [0.75, 0.25, 0.5, 0.1875, 1 / 512])
-def test_fast_dropout_keeps_each_unit_with_probability_exactly_1_minus_p(p):
+def test_fast_dropout_keeps_each_unit_with_probability_exactly_1_minus_p(p, rng):
     m = _mask(p)
     keep = (m != 0).double()
     scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
@@ -237,16 +262,16 @@ def test_fast_dropout_output_is_input_times_mask():
     assert torch.equal(d.eval()(x), x)
 
 
-def test_random_bytes_are_uniform_in_every_byte_position():
+def test_random_bytes_are_uniform_in_every_byte_position(rng):
     torch.manual_seed(0)
-    raw = fastops.random_bytes(1 << 23, "cpu").view(-1, 8).long()
+    raw = fastops.random_bytes(1 << 23, "cpu", native_rng=rng == "native").view(-1, 8).long()
     expected = np.full(256, raw.shape[0] / 256)
     for pos in range(8):
         counts = torch.bincount(raw[:, pos], minlength=256).numpy()
         assert stats.chisquare(counts, expected).pvalue > 1e-6, pos
 
 
-def test_masks_of_different_calls_differ_and_replay_with_the_seed():
+def test_masks_of_different_calls_differ_and_replay_with_the_seed(rng):
     assert torch.equal(_mask(0.5, 4096, seed=7), _mask(0.5, 4096, seed=7))
     torch.manual_seed(7)
     d = FastDropout(0.5)
@@ -261,3 +286,32 @@ def test_non_exact_p_falls_back_to_torch_dropout():
     x = torch.ones(100_000)
     y = d.train()(x)
     assert abs((y != 0).float().mean().item() - 0.7) < 0.01
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def test_lean_adam_is_fused_adam_bit_for_bit_and_keeps_its_state_format():
+    torch.manual_seed(0)
+    a = build_model(PRESETS["lab2-3c3f-bn"], (1, 28, 28), 10)
+    b = copy.deepcopy(a)
+    ref, lean = torch.optim.Adam(a.parameters(), lr=1e-3, fused=True), fastops.LeanAdam(b.parameters(), lr=1e-3)
+    for _ in range(4):
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ref.step(), lean.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    sa, sb = ref.state_dict(), lean.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i, st in sa["state"].items():
+        assert st.keys() == sb["state"][i].keys() and all(torch.equal(st[k], sb["state"][i][k]) for k in st)
+    # a state loaded from a checkpoint goes on the same way
+    c = copy.deepcopy(b)
+    again = fastops.LeanAdam(c.parameters(), lr=1e-3)
+    again.load_state_dict(copy.deepcopy(sb))  # a state_dict holds references to the live state
+    for p, q in zip(b.parameters(), c.parameters()):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    lean.step(), again.step()
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), c.parameters()))

@@ -13,11 +13,13 @@ def run(args) -> int:
     import shutil
 
     from cnnlab.data import cache_dir
-    from cnnlab.train import device_name, resolve_device, versions
+    from cnnlab.train import device_name, kernels, resolve_device, versions
 
     for k, v in versions().items():
         print(f"{k:<10} {v}")
-    print(f"{'device':<10} {device_name(resolve_device('auto'))}")
+    dev = resolve_device("auto")
+    print(f"{'device':<10} {device_name(dev)}")
+    print(f"{'kernels':<10} {kernels(dev)}")
     print(f"{'data':<10} {cache_dir()}")
     print(f"{'dot':<10} {shutil.which('dot') or 'not found (model graphs fall back to a layer list)'}")
     print(f"{'ray':<10} {'installed' if importlib.util.find_spec('ray') else 'not installed (pip install cnnlab[ray])'}")

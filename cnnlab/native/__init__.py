@@ -1,0 +1,116 @@
+"""cnnlab's native kernels (kernels.c beside this file): compiled on first use, loaded with ctypes.
+
+The kernels are plain C with no torch headers, so building them takes about a second with
+the system's C compiler (`cc`, or $CC). The library is cached per source, compiler, flags
+and CPU under $CNNLAB_NATIVE_DIR (default ~/.cache/cnnlab/native), so each machine builds it
+once; a concurrent build by another process is harmless (each writes its own temporary file
+and renames it into place).
+
+Without a C compiler, or with CNNLAB_NATIVE=0, `library()` returns None and cnnlab runs the
+same network with torch's kernels (cnnlab.fastops): the same math, slower, and rounded in a
+different order. `describe()` says which, and every run records it in result.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-std=c99", "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+BUILD_TIMEOUT = 120  # seconds
+
+_P, _I, _D, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_float
+SIGNATURES = {
+    "cl_random_bytes": [_P, ctypes.c_long, ctypes.c_uint64],
+    "cl_im2col": [_P, _P] + [_I] * 9,
+    "cl_col2im": [_P, _P] + [_I] * 9,
+    "cl_block_forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _D, _D, _P, _P, _P, _I, _I, _F, _I, _P, _P, _P],
+    "cl_block_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _I, _F, _I, _P, _P, _P, _P, _P],
+}
+
+_lib: ctypes.CDLL | None = None
+_status: str | None = None
+
+
+def build_dir() -> Path:
+    env = os.environ.get("CNNLAB_NATIVE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnlab" / "native"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the machine and its CPU's model and feature flags."""
+    ident = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and line not in ident:
+                    ident.append(line)
+                if line.strip() == "":
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    return "".join(ident)
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode())
+    out = build_dir() / f"libcnnlab-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                           timeout=BUILD_TIMEOUT)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them if needed; None when they cannot be had (see describe())."""
+    global _lib, _status
+    if _status is not None:
+        return _lib
+    if os.environ.get("CNNLAB_NATIVE", "1") == "0":
+        _status = "torch (native kernels off: CNNLAB_NATIVE=0)"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _status = "torch (native kernels unavailable: no C compiler; install gcc or set CC)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+        for name, argtypes in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        _status = f"torch (native kernels unavailable: {e})"
+        return None
+    _lib, _status = lib, f"native ({Path(cc).name} {' '.join(FLAGS[1:3])})"
+    return _lib
+
+
+def describe() -> str:
+    """Which kernels CPU training uses: 'native (...)' or 'torch (why not native)'."""
+    library()
+    return _status or "torch"

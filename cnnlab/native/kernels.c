@@ -1,0 +1,496 @@
+/* cnnlab's native kernels: the memory-bound parts of a conv block, fused.
+ *
+ * A conv block is  Conv2d -> [BatchNorm2d] -> [Dropout] -> ReLU -> [MaxPool2d].
+ * cnnlab.fastops.conv_block runs it as
+ *
+ *   cols = im2col(x)                      (this file)
+ *   z    = W @ cols                       (torch.mm: the arithmetic, in BLAS)
+ *   out  = block_forward(z)               (this file: bias, batch norm, dropout, ReLU, pool)
+ *
+ * and backward as block_backward (this file), two more torch.mm and col2im (this file).
+ * Activations are stored channel-major, "CNHW": [C][B][H][W], so that every per-channel
+ * pass (batch statistics, normalisation) reads one contiguous slice that stays in cache.
+ *
+ * The math is torch's, element for element (tests/test_native.py checks values and
+ * gradients against torch's modules); only the order of float additions differs:
+ * - batch norm in training: mean and biased variance over (B, H, W) per channel, two passes,
+ *   summed in double; running_mean += momentum * (mean - running_mean) and the running
+ *   variance likewise with the unbiased variance, as torch does;
+ * - dropout: a unit is kept when its uniform 8- or 16-bit draw u < threshold and then
+ *   scaled by `scale` (= 1 / (1 - p), as a float32), the mask cnnlab.model.FastDropout
+ *   draws. The draws are indexed in NCHW order, so both paths use the same random bytes
+ *   for the same unit;
+ * - ReLU then max-pool (window = stride = pool, floor mode): computed as pool then ReLU,
+ *   which gives the same values and sends the gradient to the same element: the first
+ *   maximum of the window in row-major order, torch's choice. NaN counts as a maximum and
+ *   passes the ReLU, as in torch.
+ *
+ * Compiled on first use by cnnlab/native/__init__.py; plain C99, no torch headers.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NO_GRAD 255
+
+/* n uniform random bytes: xoshiro256++ (Blackman and Vigna), four interleaved streams so
+ * that the CPU overlaps them, seeded through splitmix64 from one 64-bit seed (which
+ * cnnlab.fastops.random_bytes draws from torch's generator, so torch.manual_seed governs it). */
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+#define STREAMS 4
+void cl_random_bytes(uint8_t *out, long n, uint64_t seed)
+{
+    uint64_t s[4][STREAMS];
+    for (int g = 0; g < STREAMS; g++)
+        for (int i = 0; i < 4; i++)
+            s[i][g] = splitmix64(&seed);
+    for (long pos = 0; pos < n;) {
+        uint64_t r[STREAMS];
+        for (int g = 0; g < STREAMS; g++) {
+            r[g] = rotl(s[0][g] + s[3][g], 23) + s[0][g];
+            const uint64_t t = s[1][g] << 17;
+            s[2][g] ^= s[0][g];
+            s[3][g] ^= s[1][g];
+            s[1][g] ^= s[2][g];
+            s[0][g] ^= s[3][g];
+            s[2][g] ^= t;
+            s[3][g] = rotl(s[3][g], 45);
+        }
+        const long m = n - pos < (long)sizeof r ? n - pos : (long)sizeof r;
+        memcpy(out + pos, r, m);
+        pos += m;
+    }
+}
+ /* arg value: ReLU output was not > 0, no gradient flows */
+
+/* [j0, j1): the output columns whose input column j*s - p + kw lies inside [0, W) */
+static void valid_cols(int Wo, int W, int s, int p, int kw, int *j0, int *j1)
+{
+    int a = 0, b = Wo;
+    while (a < Wo && a * s - p + kw < 0)
+        a++;
+    while (b > a && (b - 1) * s - p + kw >= W)
+        b--;
+    *j0 = a;
+    *j1 = b;
+}
+
+/* x: [C][B][H][W] -> cols: [C*k*k][B*Ho*Wo] (the rows F.unfold gives, per image side by side) */
+void cl_im2col(const float *x, float *cols, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
+{
+    const long N = (long)B * Ho * Wo;
+    for (int c = 0; c < C; c++)
+        for (int kh = 0; kh < k; kh++)
+            for (int kw = 0; kw < k; kw++) {
+                float *dst = cols + ((long)(c * k + kh) * k + kw) * N;
+                int j0, j1;
+                valid_cols(Wo, W, s, p, kw, &j0, &j1);
+                for (int b = 0; b < B; b++) {
+                    const float *img = x + ((long)c * B + b) * H * W;
+                    for (int i = 0; i < Ho; i++, dst += Wo) {
+                        int ih = i * s - p + kh;
+                        if (ih < 0 || ih >= H) {
+                            memset(dst, 0, sizeof(float) * Wo);
+                            continue;
+                        }
+                        const float *row = img + (long)ih * W;
+                        for (int j = 0; j < j0; j++)
+                            dst[j] = 0.0f;
+                        if (s == 1) {
+                            if (j1 > j0)
+                                memcpy(dst + j0, row + j0 - p + kw, sizeof(float) * (j1 - j0));
+                        } else {
+                            for (int j = j0; j < j1; j++)
+                                dst[j] = row[j * s - p + kw];
+                        }
+                        for (int j = j1; j < Wo; j++)
+                            dst[j] = 0.0f;
+                    }
+                }
+            }
+}
+
+/* The adjoint of cl_im2col: dx[C][B][H][W] = sum of the columns' entries over every place
+ * each input element was copied to. dx is overwritten. */
+void cl_col2im(const float *cols, float *dx, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
+{
+    const long N = (long)B * Ho * Wo;
+    memset(dx, 0, sizeof(float) * (long)C * B * H * W);
+    for (int c = 0; c < C; c++)
+        for (int kh = 0; kh < k; kh++)
+            for (int kw = 0; kw < k; kw++) {
+                const float *src = cols + ((long)(c * k + kh) * k + kw) * N;
+                int j0, j1;
+                valid_cols(Wo, W, s, p, kw, &j0, &j1);
+                for (int b = 0; b < B; b++) {
+                    float *img = dx + ((long)c * B + b) * H * W;
+                    for (int i = 0; i < Ho; i++, src += Wo) {
+                        int ih = i * s - p + kh;
+                        if (ih < 0 || ih >= H)
+                            continue;
+                        float *row = img + (long)ih * W;
+                        if (s == 1) {
+                            float *r = row - p + kw;
+#pragma omp simd
+                            for (int j = j0; j < j1; j++)
+                                r[j] += src[j];
+                        } else {
+                            for (int j = j0; j < j1; j++)
+                                row[j * s - p + kw] += src[j];
+                        }
+                    }
+                }
+            }
+}
+
+/* Sums over a channel: float lanes (they vectorise, and several independent ones hide the
+ * adder's latency) over blocks of BLOCK elements, the block totals added in double. */
+#define LANES 32
+#define BLOCK 4096
+
+static double sum_f(const float *v, long n)
+{
+    double total = 0.0;
+    for (long start = 0; start < n; start += BLOCK) {
+        const long end = start + BLOCK < n ? start + BLOCK : n;
+        float acc[LANES] = {0.0f};
+        long i = start;
+        for (; i + LANES <= end; i += LANES)
+            for (int l = 0; l < LANES; l++)
+                acc[l] += v[i + l];
+        for (; i < end; i++)
+            acc[0] += v[i];
+        for (int l = 0; l < LANES; l++)
+            total += acc[l];
+    }
+    return total;
+}
+
+/* sum of (v - mean)^2 */
+static double sum_sq_dev(const float *v, long n, float mean)
+{
+    double total = 0.0;
+    for (long start = 0; start < n; start += BLOCK) {
+        const long end = start + BLOCK < n ? start + BLOCK : n;
+        float acc[LANES] = {0.0f};
+        long i = start;
+        for (; i + LANES <= end; i += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float d = v[i + l] - mean;
+                acc[l] += d * d;
+            }
+        for (; i < end; i++) {
+            float d = v[i] - mean;
+            acc[0] += d * d;
+        }
+        for (int l = 0; l < LANES; l++)
+            total += acc[l];
+    }
+    return total;
+}
+
+/* sum of g and sum of g * z */
+static void sum_g_gz(const float *g, const float *z, long n, double *sg, double *sgz)
+{
+    double t1 = 0.0, t2 = 0.0;
+    for (long start = 0; start < n; start += BLOCK) {
+        const long end = start + BLOCK < n ? start + BLOCK : n;
+        float a1[LANES] = {0.0f}, a2[LANES] = {0.0f};
+        long i = start;
+        for (; i + LANES <= end; i += LANES)
+            for (int l = 0; l < LANES; l++) {
+                a1[l] += g[i + l];
+                a2[l] += g[i + l] * z[i + l];
+            }
+        for (; i < end; i++) {
+            a1[0] += g[i];
+            a2[0] += g[i] * z[i];
+        }
+        for (int l = 0; l < LANES; l++) {
+            t1 += a1[l];
+            t2 += a2[l];
+        }
+    }
+    *sg = t1;
+    *sgz = t2;
+}
+
+/* One (image, channel) plane of the forward, before the ReLU and the pool:
+ * t = (zhat * g + bt) * dropout factor. The factor is `scale` where the unit's draw u <
+ * threshold, else 0. Returns 0 when every value is finite (else NaN). */
+static float plane_forward(float *t, const float *zp, int HW, float g, float bt, const uint8_t *mask, int bits,
+                           long off, int threshold, float scale)
+{
+    float chk = 0.0f;
+    if (!mask) {
+#pragma omp simd reduction(+ : chk)
+        for (int i = 0; i < HW; i++) {
+            float v = zp[i] * g + bt;
+            t[i] = v;
+            chk += v - v;
+        }
+    } else if (bits == 8) {
+        const uint8_t *u = mask + off;
+#pragma omp simd reduction(+ : chk)
+        for (int i = 0; i < HW; i++) {
+            float v = (zp[i] * g + bt) * ((int)u[i] < threshold ? scale : 0.0f);
+            t[i] = v;
+            chk += v - v;
+        }
+    } else {
+        const uint16_t *u = (const uint16_t *)mask + off;
+#pragma omp simd reduction(+ : chk)
+        for (int i = 0; i < HW; i++) {
+            float v = (zp[i] * g + bt) * ((int)u[i] < threshold ? scale : 0.0f);
+            t[i] = v;
+            chk += v - v;
+        }
+    }
+    return chk;
+}
+
+/* gp *= dropout factor, for one plane */
+static void plane_mask_grad(float *gp, int HW, const uint8_t *mask, int bits, long off, int threshold, float scale)
+{
+    if (bits == 8) {
+        const uint8_t *u = mask + off;
+#pragma omp simd
+        for (int i = 0; i < HW; i++)
+            gp[i] *= (int)u[i] < threshold ? scale : 0.0f;
+    } else {
+        const uint16_t *u = (const uint16_t *)mask + off;
+#pragma omp simd
+        for (int i = 0; i < HW; i++)
+            gp[i] *= (int)u[i] < threshold ? scale : 0.0f;
+    }
+}
+
+/* The gradient of pool2_relu for one plane: each window gets its output's gradient at the
+ * winning element and 0 elsewhere. Rows and columns past the last window must be zero
+ * already. Each output row is first spread to full width (ew: the winner's place minus the
+ * column's parity, ev: the gradient), so that the writing loop is contiguous and
+ * vectorises: scattered stores were 3x slower here. */
+#define CHUNK 64
+static void pool2_backward(const float *go, const uint8_t *ap, float *gp, int Wo, int Hp, int Wp)
+{
+    float ew[2 * CHUNK], ev[2 * CHUNK];
+    for (int ip = 0; ip < Hp; ip++) {
+        float *g0 = gp + (long)2 * ip * Wo, *g1 = g0 + Wo;
+        const float *gi = go + (long)ip * Wp;
+        const uint8_t *a = ap + (long)ip * Wp;
+        for (int j0 = 0; j0 < Wp; j0 += CHUNK) {
+            const int n = 2 * (Wp - j0 < CHUNK ? Wp - j0 : CHUNK);
+            for (int jj = 0; jj < n; jj++) {
+                ew[jj] = (float)a[j0 + (jj >> 1)] - (float)(jj & 1);
+                ev[jj] = gi[j0 + (jj >> 1)];
+            }
+            float *r0 = g0 + 2 * j0, *r1 = g1 + 2 * j0;
+#pragma omp simd
+            for (int jj = 0; jj < n; jj++) {
+                r0[jj] = ew[jj] == 0.0f ? ev[jj] : 0.0f;
+                r1[jj] = ew[jj] == 2.0f ? ev[jj] : 0.0f;
+            }
+        }
+    }
+}
+
+/* 2x2 max-pool, then ReLU, of one finite plane (row length Wo), written branch-free in
+ * float arithmetic so that it vectorises. Ties go to the first element in row-major order.
+ * wf: scratch of Wp floats. */
+static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8_t *arg, float *wf)
+{
+    for (int ip = 0; ip < Hp; ip++) {
+        const float *r0 = v + (long)2 * ip * Wo, *r1 = r0 + Wo;
+        float *o = out + (long)ip * Wp;
+#pragma omp simd
+        for (int j = 0; j < Wp; j++) {
+            float a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
+            float i0 = b > a ? 1.0f : 0.0f, i1 = d > c ? 1.0f : 0.0f;
+            float m0 = b > a ? b : a, m1 = d > c ? d : c;
+            float lower = m1 > m0 ? 1.0f : 0.0f;
+            float best = m1 > m0 ? m1 : m0;
+            o[j] = best > 0.0f ? best : 0.0f;
+            wf[j] = best > 0.0f ? lower * (2.0f + i1) + (1.0f - lower) * i0 : (float)NO_GRAD;
+        }
+        if (arg) {
+            uint8_t *g = arg + (long)ip * Wp;
+            for (int j = 0; j < Wp; j++)
+                g[j] = (uint8_t)wf[j];
+        }
+    }
+}
+
+/* Everything of a conv block after the convolution's matrix product, forward.
+ *
+ * z        [O][N], N = B*Ho*Wo: W @ cols. Overwritten with z + bias, or with the normalised
+ *          zhat = (z + bias - mean) * invstd when there is a batch norm (what backward needs).
+ *          (The bias then only shifts the mean, and is folded into it.)
+ * bias     [O] or NULL.
+ * gamma, beta, run_mean, run_var: [O], or all NULL when there is no batch norm.
+ * batch_stats  1: normalise with the batch's statistics and update the running ones
+ *          (training); 0: with the running ones (evaluation).
+ * mean_out, invstd_out [O]: the statistics used (batch norm only).
+ * mask     NULL for no dropout, else B*O*Ho*Wo draws of mask_bits (8 or 16) bits, NCHW order.
+ * pool     window = stride of the max-pool, 0 for none; the output is [O][B][Hp][Wp], or
+ *          [O][N] without a pool.
+ * arg      NULL, or one byte per output: the winning element's place in its window (0 without
+ *          a pool), or NO_GRAD where the ReLU's output is <= 0 (a NaN gets its gradient, as in
+ *          torch). Backward needs it. So pool * pool must be below NO_GRAD (the caller checks).
+ * tmp      scratch of 2*Ho*Wo floats.
+ */
+void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias, const float *gamma,
+                      const float *beta, float *run_mean, float *run_var, int batch_stats, double momentum,
+                      double eps, float *mean_out, float *invstd_out, const uint8_t *mask, int mask_bits,
+                      int threshold, float scale, int pool, float *out, uint8_t *arg, float *tmp)
+{
+    const int HW = Ho * Wo;
+    const long N = (long)B * HW;
+    const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
+    for (int o = 0; o < O; o++) {
+        float *zc = z + o * N;
+        float g = 1.0f, bt = 0.0f;
+        const float bo = bias ? bias[o] : 0.0f;
+        if (gamma) {
+            /* statistics of z + bias; the bias shifts the mean only */
+            double mean_z, mean, invstd;
+            if (batch_stats) {
+                mean_z = sum_f(zc, N) / N;
+                double ss = sum_sq_dev(zc, N, (float)mean_z);
+                mean = mean_z + bo;
+                double var = ss / N;
+                invstd = 1.0 / sqrt(var + eps);
+                run_mean[o] = (float)((1.0 - momentum) * run_mean[o] + momentum * mean);
+                run_var[o] = (float)((1.0 - momentum) * run_var[o] + momentum * (N > 1 ? ss / (N - 1) : var));
+            } else {
+                mean = run_mean[o];
+                mean_z = mean - bo;
+                invstd = 1.0 / sqrt((double)run_var[o] + eps);
+            }
+            const float mf = (float)mean_z, isf = (float)invstd;
+            if (mean_out)
+                mean_out[o] = (float)mean;
+            if (invstd_out)
+                invstd_out[o] = isf;
+#pragma omp simd
+            for (long i = 0; i < N; i++)
+                zc[i] = (zc[i] - mf) * isf;
+            g = gamma[o];
+            bt = beta[o];
+        } else if (bias) {
+#pragma omp simd
+            for (long i = 0; i < N; i++)
+                zc[i] += bo;
+        }
+        for (int b = 0; b < B; b++) {
+            const float *zp = zc + (long)b * HW;
+            /* gamma * zhat + beta (or z + bias), times the dropout factor: into tmp */
+            const int finite = plane_forward(tmp, zp, HW, g, bt, mask, mask_bits, ((long)b * O + o) * HW,
+                                             threshold, scale) == 0.0f;
+            float *op = out + ((long)o * B + b) * Hp * Wp;
+            uint8_t *ap = arg ? arg + ((long)o * B + b) * Hp * Wp : NULL;
+            if (!pool) {
+#pragma omp simd
+                for (int i = 0; i < HW; i++)
+                    op[i] = tmp[i] < 0.0f ? 0.0f : tmp[i]; /* NaN passes, as in torch */
+                if (ap)
+                    for (int i = 0; i < HW; i++)
+                        ap[i] = !(tmp[i] <= 0.0f) ? 0 : NO_GRAD; /* NaN passes, as in torch */
+                continue;
+            }
+            if (pool == 2 && finite) {
+                pool2_relu(tmp, Wo, Hp, Wp, op, ap, tmp + HW);
+                continue;
+            }
+            for (int ip = 0; ip < Hp; ip++)
+                for (int jp = 0; jp < Wp; jp++) {
+                    const float *w0 = tmp + (long)ip * pool * Wo + jp * pool;
+                    float best = w0[0];
+                    int where = 0;
+                    for (int r = 0; r < pool; r++)
+                        for (int q = 0; q < pool; q++) {
+                            float v = w0[r * Wo + q];
+                            if (v > best || (isnan(v) && !isnan(best))) {
+                                best = v;
+                                where = r * pool + q;
+                            }
+                        }
+                    op[ip * Wp + jp] = best < 0.0f ? 0.0f : best;
+                    if (ap)
+                        ap[ip * Wp + jp] = !(best <= 0.0f) ? (uint8_t)where : NO_GRAD;
+                }
+        }
+    }
+}
+
+/* Everything of a conv block after the convolution, backward: from the gradient of the
+ * block's output to the gradient of z (the matrix product's output), plus the gradients of
+ * gamma, beta and the conv bias.
+ *
+ * gout     gradient of the output, laid out as cl_block_forward's out.
+ * arg      cl_block_forward's arg.
+ * zhat     cl_block_forward's z on return (normalised when there is a batch norm).
+ * gz       [O][N], written.
+ * gamma, invstd: [O], NULL without batch norm. The batch norm must have used batch
+ *          statistics (training); backward through running statistics is torch's business.
+ * dgamma, dbeta, dbias: [O] or NULL, written.
+ */
+void cl_block_backward(const float *gout, const uint8_t *arg, const float *zhat, float *gz, int O, int B, int Ho,
+                       int Wo, const uint8_t *mask, int mask_bits, int threshold, float scale, int pool,
+                       const float *gamma, const float *invstd, float *dgamma, float *dbeta, float *dbias)
+{
+    const int HW = Ho * Wo;
+    const long N = (long)B * HW;
+    const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
+    for (int o = 0; o < O; o++) {
+        float *gc = gz + o * N;
+        for (int b = 0; b < B; b++) {
+            float *gp = gc + (long)b * HW;
+            const float *go = gout + ((long)o * B + b) * Hp * Wp;
+            const uint8_t *ap = arg + ((long)o * B + b) * Hp * Wp;
+            if (pool == 2) {
+                if (Ho % 2 || Wo % 2)
+                    memset(gp, 0, sizeof(float) * HW);
+                pool2_backward(go, ap, gp, Wo, Hp, Wp);
+            } else if (pool) {
+                memset(gp, 0, sizeof(float) * HW);
+                for (int ip = 0; ip < Hp; ip++)
+                    for (int jp = 0; jp < Wp; jp++) {
+                        int a = ap[ip * Wp + jp];
+                        if (a != NO_GRAD)
+                            gp[(ip * pool + a / pool) * Wo + jp * pool + a % pool] = go[ip * Wp + jp];
+                    }
+            } else {
+#pragma omp simd
+                for (int i = 0; i < HW; i++)
+                    gp[i] = ap[i] == NO_GRAD ? 0.0f : go[i];
+            }
+            if (mask)
+                plane_mask_grad(gp, HW, mask, mask_bits, ((long)b * O + o) * HW, threshold, scale);
+        }
+        if (gamma) {
+            const float *zc = zhat + o * N;
+            double sg, sgz;
+            sum_g_gz(gc, zc, N, &sg, &sgz);
+            if (dbeta)
+                dbeta[o] = (float)sg;
+            if (dgamma)
+                dgamma[o] = (float)sgz;
+            const float c = gamma[o] * invstd[o], mg = (float)(sg / N), mgz = (float)(sgz / N);
+#pragma omp simd
+            for (long i = 0; i < N; i++)
+                gc[i] = c * (gc[i] - mg - zc[i] * mgz);
+        }
+        if (dbias)
+            dbias[o] = (float)sum_f(gc, N);
+    }
+}
