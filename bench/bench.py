@@ -45,8 +45,11 @@ def machine() -> dict:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from cnnlab import native
+
     return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0], "platform": platform.platform(), "device": "cpu"}
+            "python": sys.version.split()[0], "platform": platform.platform(), "device": "cpu",
+            "kernels": native.describe()}
 
 
 def protocol(args) -> dict:

@@ -100,15 +100,18 @@ void cl_im2col(const float *x, float *cols, int C, int B, int H, int W, int k, i
                     for (int i = 0; i < Ho; i++, dst += Wo) {
                         int ih = i * s - p + kh;
                         if (ih < 0 || ih >= H) {
-                            memset(dst, 0, sizeof(float) * Wo);
+                            for (int j = 0; j < Wo; j++)
+                                dst[j] = 0.0f;
                             continue;
                         }
                         const float *row = img + (long)ih * W;
                         for (int j = 0; j < j0; j++)
                             dst[j] = 0.0f;
                         if (s == 1) {
-                            if (j1 > j0)
-                                memcpy(dst + j0, row + j0 - p + kw, sizeof(float) * (j1 - j0));
+                            const float *r = row - p + kw; /* rows are short: a loop beats memcpy */
+#pragma omp simd
+                            for (int j = j0; j < j1; j++)
+                                dst[j] = r[j];
                         } else {
                             for (int j = j0; j < j1; j++)
                                 dst[j] = row[j * s - p + kw];
