@@ -47,7 +47,8 @@ def configs(spec):
     out = {"plain (nn.Dropout, Adam for-loop)": (plain_model(spec, (1, 28, 28), 10), dict(), set())}
     for name, paths in [("FastDropout + fused Adam", set()), ("+ fast max-pool, ReLU after it", {"pool"}),
                         ("+ first conv as GEMM", {"pool", "conv1"}),
-                        ("+ native blocks, lean Adam (engine)", {"pool", "conv1", "native"})]:
+                        ("+ native blocks, lean Adam", {"pool", "conv1", "native"}),
+                        ("+ no autograd (engine)", {"pool", "conv1", "native", "step"})]:
         torch.manual_seed(0)
         out[name] = (M.build_model(spec, (1, 28, 28), 10), dict(fused=True), paths)
     from cnnlab.fastops import LeanAdam
@@ -60,15 +61,16 @@ def configs(spec):
     return {k: (m, opt(m, kw, paths), paths) for k, (m, kw, paths) in out.items()}
 
 
-def train_steps(model, opt, x, y, steps: int, start: int, bs: int = 50) -> int:
+def train_steps(model, opt, x, y, steps: int, start: int, bs: int = 50, step_fn: bool = False) -> int:
     import torch.nn.functional as F
 
     model.train()
     for _ in range(steps):
         i = start % (len(y) - bs)
-        loss = F.cross_entropy(model(x[i:i + bs]), y[i:i + bs])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not (step_fn and model.native_train_step(x[i:i + bs], y[i:i + bs]) is not None):
+            loss = F.cross_entropy(model(x[i:i + bs]), y[i:i + bs])
+            loss.backward()
         opt.step()
         start += bs
     return start
@@ -100,15 +102,15 @@ def main(argv=None) -> int:
     saved = set(M.FAST_PATHS)
     try:
         for k, (m, opt, paths) in cfgs.items():  # warm-up
-            M.FAST_PATHS = paths
-            pos[k] = train_steps(m, opt, x, y, 5, pos[k])
+            M.FAST_PATHS = paths - {"step"}
+            pos[k] = train_steps(m, opt, x, y, 5, pos[k], step_fn="step" in paths)
         for r in range(args.rounds):
             for k in (list(cfgs) if r % 2 == 0 else list(reversed(cfgs))):
                 m, opt, paths = cfgs[k]
-                M.FAST_PATHS = paths
+                M.FAST_PATHS = paths - {"step"}
                 clock = time.perf_counter if args.wall else time.process_time
                 t = clock()
-                pos[k] = train_steps(m, opt, x, y, args.steps, pos[k])
+                pos[k] = train_steps(m, opt, x, y, args.steps, pos[k], step_fn="step" in paths)
                 times[k].append((clock() - t) / args.steps)
         print(f"{args.preset}, batch 50, {args.threads} thread(s), allocator tuned: {tuned}; "
               f"median {'wall' if args.wall else 'CPU'} ms per step over {args.rounds} rounds")
@@ -121,9 +123,9 @@ def main(argv=None) -> int:
 
             k = list(cfgs)[-1]
             m, opt, paths = cfgs[k]
-            M.FAST_PATHS = paths
+            M.FAST_PATHS = paths - {"step"}
             with profile() as prof:
-                train_steps(m, opt, x, y, 50, 0)
+                train_steps(m, opt, x, y, 50, 0, step_fn="step" in paths)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     finally:
         M.FAST_PATHS = saved

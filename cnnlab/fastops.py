@@ -254,82 +254,162 @@ def _conv_geometry(x, parts):
     return C, B, H, W, k, s, p, (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
 
 
+def _block_forward(x, weight, bias, gamma, beta, parts, mask, lib, grad: bool):
+    """One block forward on the native kernels: (output, what backward needs or None)."""
+    bn, drop, pool = parts.bn, parts.drop, parts.pool
+    C, B, H, W, k, s, p, Ho, Wo = geo = _conv_geometry(x, parts)
+    O = weight.shape[0]
+    pk = _int(pool.kernel_size) if pool is not None else 0
+    N = B * Ho * Wo
+    if parts.fc:
+        cols = x  # [F][B]
+    else:
+        cols = torch.empty(C * k * k, N)
+        lib.cl_im2col(x.data_ptr(), cols.data_ptr(), C, B, H, W, k, s, p, Ho, Wo)
+    z = torch.mm(weight.view(O, -1), cols)
+    Hp, Wp = (Ho // pk, Wo // pk) if pk else (Ho, Wo)
+    out = torch.empty((O, B, Hp, Wp) if not parts.fc else (O, B))
+    arg = torch.empty(out.shape, dtype=torch.uint8) if grad else None
+    batch_stats = bn is not None and bn.training
+    invstd = torch.empty(O) if bn is not None else None
+    tmp = torch.empty(2 * Ho * Wo)
+    bits, thr, scale = (drop.bits, drop.threshold, drop.scale) if mask is not None else (8, 0, 0.0)
+    lib.cl_block_forward(
+        z.data_ptr(), O, B, Ho, Wo, _ptr(bias), _ptr(gamma), _ptr(beta),
+        _ptr(bn.running_mean) if bn is not None else None, _ptr(bn.running_var) if bn is not None else None,
+        int(batch_stats), float(bn.momentum) if bn is not None else 0.0, float(bn.eps) if bn is not None else 0.0,
+        None, _ptr(invstd), _ptr(mask), bits, thr, scale, pk, out.data_ptr(), _ptr(arg), tmp.data_ptr())
+    if batch_stats:
+        bn.num_batches_tracked.add_(1)
+    if not grad:
+        return out, None
+    return out, (cols, weight, z, arg, mask, gamma, invstd, geo, O, pk, bits, thr, scale, bias is not None,
+                 parts.fc, lib)
+
+
+def _block_backward(saved, gout, need):
+    """Gradients (input, weight, bias, gamma, beta) of one block from its output's gradient;
+    need: which of them to compute."""
+    cols, weight, zhat, arg, mask, gamma, invstd, geo, O, pk, bits, thr, scale, has_bias, fc, lib = saved
+    C, B, H, W, k, s, p, Ho, Wo = geo
+    gout = gout.contiguous()
+    gz = torch.empty(O, B * Ho * Wo)
+    dbias = torch.empty(O) if has_bias and need[2] else None
+    dgamma = torch.empty(O) if gamma is not None and need[3] else None
+    dbeta = torch.empty(O) if gamma is not None and need[4] else None
+    lib.cl_block_backward(gout.data_ptr(), arg.data_ptr(), zhat.data_ptr(), gz.data_ptr(), O, B, Ho, Wo,
+                          _ptr(mask), bits, thr, scale, pk, _ptr(gamma), _ptr(invstd), _ptr(dgamma),
+                          _ptr(dbeta), _ptr(dbias))
+    dw = torch.mm(gz, cols.t()).view_as(weight) if need[1] else None
+    dx = None
+    if need[0]:
+        dcols = torch.mm(weight.view(O, -1).t(), gz)
+        if fc:
+            dx = dcols
+        else:
+            dx = torch.empty(C, B, H, W)
+            lib.cl_col2im(dcols.data_ptr(), dx.data_ptr(), C, B, H, W, k, s, p, Ho, Wo)
+    return dx, dw, dbias, dgamma, dbeta
+
+
 class _Block(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, parts, mask, lib):
-        bn, drop, pool = parts.bn, parts.drop, parts.pool
-        C, B, H, W, k, s, p, Ho, Wo = geo = _conv_geometry(x, parts)
-        O = weight.shape[0]
-        pk = pool.kernel_size if pool is not None else 0
-        pk = pk[0] if isinstance(pk, tuple) else pk
-        N = B * Ho * Wo
-        if parts.fc:
-            cols = x  # [F][B]
-        else:
-            cols = torch.empty(C * k * k, N)
-            lib.cl_im2col(x.data_ptr(), cols.data_ptr(), C, B, H, W, k, s, p, Ho, Wo)
-        z = torch.mm(weight.view(O, -1), cols)
-        Hp, Wp = (Ho // pk, Wo // pk) if pk else (Ho, Wo)
-        out = torch.empty((O, B, Hp, Wp) if not parts.fc else (O, B))
-        grad = any(ctx.needs_input_grad[:5])
-        arg = torch.empty(out.shape, dtype=torch.uint8) if grad else None
-        batch_stats = bn is not None and bn.training
-        invstd = torch.empty(O) if bn is not None else None
-        tmp = torch.empty(2 * Ho * Wo)
-        bits, thr, scale = (drop.bits, drop.threshold, drop.scale) if mask is not None else (8, 0, 0.0)
-        lib.cl_block_forward(
-            z.data_ptr(), O, B, Ho, Wo, _ptr(bias), _ptr(gamma), _ptr(beta),
-            _ptr(bn.running_mean) if bn is not None else None, _ptr(bn.running_var) if bn is not None else None,
-            int(batch_stats), float(bn.momentum) if bn is not None else 0.0, float(bn.eps) if bn is not None else 0.0,
-            None, _ptr(invstd), _ptr(mask), bits, thr, scale, pk, out.data_ptr(), _ptr(arg), tmp.data_ptr())
-        if batch_stats:
-            bn.num_batches_tracked.add_(1)
-        if grad:
-            ctx.save_for_backward(cols, weight, z, arg, mask, gamma, invstd)
-            ctx.conf = (geo, O, pk, bits, thr, scale, bias is not None, parts.fc, lib)
+        out, ctx.saved = _block_forward(x, weight, bias, gamma, beta, parts, mask, lib, any(ctx.needs_input_grad[:5]))
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        cols, weight, zhat, arg, mask, gamma, invstd = ctx.saved_tensors
-        (C, B, H, W, k, s, p, Ho, Wo), O, pk, bits, thr, scale, has_bias, fc, lib = ctx.conf
-        gout = gout.contiguous()
-        gz = torch.empty(O, B * Ho * Wo)
-        need = ctx.needs_input_grad
-        dbias = torch.empty(O) if has_bias and need[2] else None
-        dgamma = torch.empty(O) if gamma is not None and need[3] else None
-        dbeta = torch.empty(O) if gamma is not None and need[4] else None
-        lib.cl_block_backward(gout.data_ptr(), arg.data_ptr(), zhat.data_ptr(), gz.data_ptr(), O, B, Ho, Wo,
-                              _ptr(mask), bits, thr, scale, pk, _ptr(gamma), _ptr(invstd), _ptr(dgamma),
-                              _ptr(dbeta), _ptr(dbias))
-        dw = torch.mm(gz, cols.t()).view_as(weight) if need[1] else None
-        dx = None
-        if need[0]:
-            dcols = torch.mm(weight.view(O, -1).t(), gz)
-            if fc:
-                dx = dcols
-            else:
-                dx = torch.empty(C, B, H, W)
-                lib.cl_col2im(dcols.data_ptr(), dx.data_ptr(), C, B, H, W, k, s, p, Ho, Wo)
-        return dx, dw, dbias, dgamma, dbeta, None, None, None
+        return (*_block_backward(ctx.saved, gout, ctx.needs_input_grad), None, None, None)
+
+
+def _mask_for(x, parts):
+    """The block's dropout mask bytes (FastDropout's draw: same bytes, same order), or None."""
+    drop = parts.drop
+    if drop is None or not drop.training or drop.p == 0:
+        return None
+    _, B, _, _, _, _, _, Ho, Wo = _conv_geometry(x, parts)
+    return random_bytes(B * parts.conv.weight.shape[0] * Ho * Wo * drop.bits // 8, x.device)
+
+
+def _bn_params(parts):
+    bn = parts.bn
+    return (bn.weight, bn.bias) if bn is not None else (None, None)
 
 
 def block(x: torch.Tensor, parts: BlockParts, lib) -> torch.Tensor:
     """One hidden block with the native kernels (cnnlab/native/kernels.c), channel-major:
     a conv block (conv, [batch norm], [dropout], ReLU, [max-pool]) maps [C][B][H][W] to
     [O][B][Ho'][Wo']; an fc block (Linear, [batch norm], [dropout], ReLU) maps [F][B] to [O][B].
-    float32 on the CPU.
+    float32 on the CPU, through autograd.
 
     The dropout mask takes the random bytes FastDropout.mask would take, in the same order and
     indexed by the unit's NCHW position, so the torch path and this one use the same mask."""
-    drop, bn = parts.drop, parts.bn
-    mask = None
-    if drop is not None and drop.training and drop.p > 0:
-        _, B, _, _, _, _, _, Ho, Wo = _conv_geometry(x, parts)
-        mask = random_bytes(B * parts.conv.weight.shape[0] * Ho * Wo * drop.bits // 8, x.device)
-    gamma = bn.weight if bn is not None else None
-    beta = bn.bias if bn is not None else None
-    return _Block.apply(x.contiguous(), parts.conv.weight, parts.conv.bias, gamma, beta, parts, mask, lib)
+    x = x.contiguous()
+    return _Block.apply(x, parts.conv.weight, parts.conv.bias, *_bn_params(parts), parts, _mask_for(x, parts), lib)
+
+
+def flatten_cm(h: torch.Tensor) -> torch.Tensor:
+    """Channel-major conv activations [C][B][H][W] -> fc input [C*H*W][B], in NCHW flatten order."""
+    c, b = h.shape[:2]
+    return h.reshape(c, b, -1).transpose(1, 2).reshape(-1, b)
+
+
+def train_step(blocks: list[BlockParts], head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, lib):
+    """One training step's forward and backward without autograd: the hidden blocks on the
+    native kernels, then the output layer and the mean cross-entropy, their gradients by hand
+    ((softmax - onehot) / B, what torch's cross_entropy backward computes). Gradients are
+    accumulated into each parameter's .grad, as loss.backward() does. Returns (loss, logits),
+    both detached.
+
+    The same kernels and mask draws as the autograd path (model.Net.forward), so the same
+    numbers up to float rounding (tests/test_native.py); what it saves is autograd's per-op
+    bookkeeping, about a third of a step at the lab's sizes."""
+    with torch.no_grad():
+        h = x.transpose(0, 1)
+        saved = []
+        for parts in blocks:
+            flat = parts.fc and h.dim() == 4
+            if flat:
+                shape4 = h.shape
+                h = flatten_cm(h)
+            h = h.contiguous()
+            params = (parts.conv.weight, parts.conv.bias, *_bn_params(parts))
+            h, sv = _block_forward(h, *params, parts, _mask_for(h, parts), lib, True)
+            saved.append((parts, params, sv, shape4 if flat else None))
+        shape4 = h.shape if h.dim() == 4 else None
+        feats = flatten_cm(h) if shape4 is not None else h  # [F][B]
+        logits = torch.addmm(head.bias, feats.t(), head.weight.t()) if head.bias is not None else feats.t() @ head.weight.t()
+        loss = F.cross_entropy(logits, y)
+        g = torch.softmax(logits, 1)
+        g[torch.arange(len(y)), y] -= 1.0
+        g /= len(y)
+        _set_grad(head.weight, torch.mm(g.t(), feats.t()))
+        if head.bias is not None:
+            _set_grad(head.bias, g.sum(0))
+        gh = torch.mm(head.weight.t(), g.t())  # [F][B]
+        if shape4 is not None:
+            gh = _unflatten_cm(gh, shape4)
+        for i in range(len(saved) - 1, -1, -1):
+            parts, params, sv, flat_shape = saved[i]
+            need = (i > 0,) + tuple(t is not None and t.requires_grad for t in params)  # no input gradient for x
+            dx, *grads = _block_backward(sv, gh, need)
+            for t, gt in zip(params, grads):
+                if gt is not None:
+                    _set_grad(t, gt)
+            gh = _unflatten_cm(dx, flat_shape) if flat_shape is not None and dx is not None else dx
+    return loss, logits
+
+
+def _unflatten_cm(g: torch.Tensor, shape4) -> torch.Tensor:
+    """The gradient of flatten_cm: [C*H*W][B] -> [C][B][H][W]."""
+    c, b, hh, ww = shape4
+    return g.view(c, hh * ww, b).transpose(1, 2).reshape(c, b, hh, ww)
+
+
+def _set_grad(t: torch.Tensor, g: torch.Tensor) -> None:
+    if t.requires_grad:
+        t.grad = g.view_as(t) if t.grad is None else t.grad.add_(g.view_as(t))
 
 
 # ---------------------------------------------------------------------------- optimizer

@@ -105,6 +105,20 @@ class Net(nn.Sequential):
             elif isinstance(m, nn.MaxPool2d):
                 self._blocks[-1].pool = m
 
+    def native_train_step(self, x: torch.Tensor, y: torch.Tensor):
+        """Forward and backward of one training step on the native kernels without autograd
+        (fastops.train_step): (loss, logits), gradients accumulated into .grad. None where
+        that path does not apply (then use forward + loss.backward())."""
+        if not (self.fast and self.training and torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == torch.float32 and "native" in FAST_PATHS and self._blocks
+                and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape
+                and self._native_end == len(self) - 1 and isinstance(self[-1], nn.Linear)):
+            return None
+        lib = native.library()
+        if lib is None or not all(parts.native_ok(x) for parts in self._blocks):
+            return None
+        return fastops.train_step(self._blocks, self[-1], x, y, lib)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast or x.device.type != "cpu":
             return super().forward(x)

@@ -360,10 +360,14 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
         for step in range(steps):
             idx = perm[step * bs : (step + 1) * bs]
             xb, yb = data.x_train[idx], data.y_train[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            native_step = model.native_train_step(xb, yb)  # the CPU fast path, no autograd
+            if native_step is not None:
+                loss, logits = native_step
+            else:
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                loss.backward()
             opt.step()
             step_loss[step] = loss.detach()
             torch.argmax(logits.detach(), 1, out=pred[step * bs : (step + 1) * bs])

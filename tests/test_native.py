@@ -205,14 +205,26 @@ def test_the_odd_specs_cover_what_they_claim():
     assert {b.padding for b in blocks} >= {0, 1, 2} and {b.bn for b in blocks} == {False, True}
 
 
+def native_step(net, x, y, seed):
+    """Net.native_train_step: the engine's training step, without autograd."""
+    torch.manual_seed(seed)
+    got = net.native_train_step(x, y)
+    assert got is not None, "native_train_step refused"
+    loss, out = got
+    return out, loss
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_native_training_step_and_eval_equal_torch_modules(lib, spy, case):
+@pytest.mark.parametrize("how", ["autograd", "step"])
+def test_native_training_step_and_eval_equal_torch_modules(lib, spy, case, how):
+    """The native net through autograd (forward + loss.backward()), and its hand-written
+    training step (Net.native_train_step, what the engine runs), against torch's modules."""
     spec, in_shape, batch = CASES[case]
     ref, net = pair(spec, in_shape)
     x, y = data(in_shape, batch)
     out_r, loss_r = train_step(ref, x, y, seed=5)
     assert not block_kernels(spy)
-    out_n, loss_n = train_step(net, x, y, seed=5)
+    out_n, loss_n = (train_step if how == "autograd" else native_step)(net, x, y, seed=5)
     assert native_blocks(spy) >= len(spec.conv), "the native path did not run"
     assert_close(out_n, out_r, "training output")
     assert_close(loss_n, loss_r, "loss")
@@ -647,3 +659,20 @@ def test_native_runs_are_bit_identical_with_the_same_seed(lib, spy, case):
     for (k, p), q in zip(a.named_buffers(), b.buffers()):
         assert torch.equal(p, q), k
     assert not torch.equal(ra[0], rc[0])  # the masks do come from the seed
+
+
+def test_native_train_step_refuses_what_it_cannot_do(lib, monkeypatch):
+    """The engine falls back to forward + backward whenever the hand-written step does not apply."""
+    ref, net = pair(PRESETS["lab2-3c3f-bn"], (1, 28, 28))
+    x, y = data((1, 28, 28), 8)
+    assert net.native_train_step(x, y) is not None
+    net.eval()
+    assert net.native_train_step(x, y) is None  # evaluation mode: no batch statistics to train with
+    net.train()
+    with torch.no_grad():
+        assert net.native_train_step(x, y) is None
+    assert net.native_train_step(x.double(), y) is None
+    assert net.native_train_step(torch.rand(8, 1, 27, 27), y) is None  # not the net's input shape
+    assert ref.native_train_step(x, y) is None  # fast=False: torch's modules only
+    monkeypatch.setattr(model, "FAST_PATHS", model.FAST_PATHS - {"native"})
+    assert net.native_train_step(x, y) is None
