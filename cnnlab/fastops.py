@@ -270,6 +270,8 @@ def _block_forward(x, weight, bias, gamma, beta, parts, mask, lib, grad: bool):
     Hp, Wp = (Ho // pk, Wo // pk) if pk else (Ho, Wo)
     out = torch.empty((O, B, Hp, Wp) if not parts.fc else (O, B))
     arg = torch.empty(out.shape, dtype=torch.uint8) if grad else None
+    if mask is not None:  # FastDropout's draws are in NCHW order; the kernels read them channel-major
+        mask = mask.view(B, O, -1).transpose(0, 1).contiguous()
     batch_stats = bn is not None and bn.training
     invstd = torch.empty(O) if bn is not None else None
     tmp = torch.empty(2 * Ho * Wo)

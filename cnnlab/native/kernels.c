@@ -228,33 +228,39 @@ static void sum_g_gz(const float *g, const float *z, long n, double *sg, double 
     *sgz = t2;
 }
 
-/* One (image, channel) plane of the forward, before the ReLU and the pool:
- * t = (zhat * g + bt) * dropout factor. The factor is `scale` where the unit's draw u <
- * threshold, else 0. Returns 0 when every value is finite (else NaN). */
-static float plane_forward(float *t, const float *zp, int HW, float g, float bt, const uint8_t *mask, int bits,
-                           long off, int threshold, float scale)
+/* n values of the forward before the ReLU and the pool. With norm, z is first normalised in
+ * place, z = (z - mean) * invstd (what backward needs); then t = (z * g + bt) * dropout
+ * factor. The factor is `scale` where the unit's draw u < threshold, else 0; m: the n draws
+ * (bits 8 or 16), or NULL for no dropout. Returns 0 when every t is finite (else NaN). */
+static float affine_dropout(float *t, float *z, long n, int norm, float mean, float invstd, float g, float bt,
+                            const void *m, int bits, int threshold, float scale)
 {
     float chk = 0.0f;
-    if (!mask) {
+    const uint8_t *u8 = m;
+    const uint16_t *u16 = m;
+    if (norm) {
+#pragma omp simd
+        for (long i = 0; i < n; i++)
+            z[i] = (z[i] - mean) * invstd;
+    }
+    if (!m) {
 #pragma omp simd reduction(+ : chk)
-        for (int i = 0; i < HW; i++) {
-            float v = zp[i] * g + bt;
+        for (long i = 0; i < n; i++) {
+            float v = z[i] * g + bt;
             t[i] = v;
             chk += v - v;
         }
     } else if (bits == 8) {
-        const uint8_t *u = mask + off;
 #pragma omp simd reduction(+ : chk)
-        for (int i = 0; i < HW; i++) {
-            float v = (zp[i] * g + bt) * ((int)u[i] < threshold ? scale : 0.0f);
+        for (long i = 0; i < n; i++) {
+            float v = (z[i] * g + bt) * ((int)u8[i] < threshold ? scale : 0.0f);
             t[i] = v;
             chk += v - v;
         }
     } else {
-        const uint16_t *u = (const uint16_t *)mask + off;
 #pragma omp simd reduction(+ : chk)
-        for (int i = 0; i < HW; i++) {
-            float v = (zp[i] * g + bt) * ((int)u[i] < threshold ? scale : 0.0f);
+        for (long i = 0; i < n; i++) {
+            float v = (z[i] * g + bt) * ((int)u16[i] < threshold ? scale : 0.0f);
             t[i] = v;
             chk += v - v;
         }
@@ -262,19 +268,19 @@ static float plane_forward(float *t, const float *zp, int HW, float g, float bt,
     return chk;
 }
 
-/* gp *= dropout factor, for one plane */
-static void plane_mask_grad(float *gp, int HW, const uint8_t *mask, int bits, long off, int threshold, float scale)
+/* g *= dropout factor, for n values with draws m */
+static void mask_grad(float *g, long n, const void *m, int bits, int threshold, float scale)
 {
     if (bits == 8) {
-        const uint8_t *u = mask + off;
+        const uint8_t *u = m;
 #pragma omp simd
-        for (int i = 0; i < HW; i++)
-            gp[i] *= (int)u[i] < threshold ? scale : 0.0f;
+        for (long i = 0; i < n; i++)
+            g[i] *= (int)u[i] < threshold ? scale : 0.0f;
     } else {
-        const uint16_t *u = (const uint16_t *)mask + off;
+        const uint16_t *u = m;
 #pragma omp simd
-        for (int i = 0; i < HW; i++)
-            gp[i] *= (int)u[i] < threshold ? scale : 0.0f;
+        for (long i = 0; i < n; i++)
+            g[i] *= (int)u[i] < threshold ? scale : 0.0f;
     }
 }
 
@@ -343,7 +349,9 @@ static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8
  * batch_stats  1: normalise with the batch's statistics and update the running ones
  *          (training); 0: with the running ones (evaluation).
  * mean_out, invstd_out [O]: the statistics used (batch norm only).
- * mask     NULL for no dropout, else B*O*Ho*Wo draws of mask_bits (8 or 16) bits, NCHW order.
+ * mask     NULL for no dropout, else the B*O*Ho*Wo draws of mask_bits (8 or 16) bits, in
+ *          channel-major order [O][B][Ho][Wo] like z (the caller reorders FastDropout's NCHW
+ *          draws, so each unit keeps its own draw).
  * pool     window = stride of the max-pool, 0 for none; the output is [O][B][Hp][Wp], or
  *          [O][N] without a pool.
  * arg      NULL, or one byte per output: the winning element's place in its window (0 without
@@ -361,7 +369,7 @@ void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias,
     const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
     for (int o = 0; o < O; o++) {
         float *zc = z + o * N;
-        float g = 1.0f, bt = 0.0f;
+        float g = 1.0f, bt = 0.0f, mf = 0.0f, isf = 1.0f; /* normalisation (with batch norm) and affine */
         const float bo = bias ? bias[o] : 0.0f;
         if (gamma) {
             /* statistics of z + bias; the bias shifts the mean only */
@@ -379,14 +387,12 @@ void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias,
                 mean_z = mean - bo;
                 invstd = 1.0 / sqrt((double)run_var[o] + eps);
             }
-            const float mf = (float)mean_z, isf = (float)invstd;
+            mf = (float)mean_z;
+            isf = (float)invstd;
             if (mean_out)
                 mean_out[o] = (float)mean;
             if (invstd_out)
                 invstd_out[o] = isf;
-#pragma omp simd
-            for (long i = 0; i < N; i++)
-                zc[i] = (zc[i] - mf) * isf;
             g = gamma[o];
             bt = beta[o];
         } else if (bias) {
@@ -394,22 +400,28 @@ void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias,
             for (long i = 0; i < N; i++)
                 zc[i] += bo;
         }
+        const uint8_t *mc = mask ? mask + (long)o * N * (mask_bits / 8) : NULL; /* this channel's draws */
+        if (!pool) { /* the whole channel at once: gamma * zhat + beta (or z + bias), dropout, ReLU */
+            float *oc = out + (long)o * N;
+            affine_dropout(oc, zc, N, gamma != NULL, mf, isf, g, bt, mc, mask_bits, threshold, scale);
+            if (arg) {
+                uint8_t *ac = arg + (long)o * N;
+                for (long i = 0; i < N; i++)
+                    ac[i] = !(oc[i] <= 0.0f) ? 0 : NO_GRAD; /* NaN passes, as in torch */
+            }
+#pragma omp simd
+            for (long i = 0; i < N; i++)
+                oc[i] = oc[i] < 0.0f ? 0.0f : oc[i]; /* NaN passes, as in torch */
+            continue;
+        }
         for (int b = 0; b < B; b++) {
-            const float *zp = zc + (long)b * HW;
+            float *zp = zc + (long)b * HW;
             /* gamma * zhat + beta (or z + bias), times the dropout factor: into tmp */
-            const int finite = plane_forward(tmp, zp, HW, g, bt, mask, mask_bits, ((long)b * O + o) * HW,
-                                             threshold, scale) == 0.0f;
+            const int finite = affine_dropout(tmp, zp, HW, gamma != NULL, mf, isf, g, bt,
+                                              mc ? mc + (long)b * HW * (mask_bits / 8) : NULL, mask_bits,
+                                              threshold, scale) == 0.0f;
             float *op = out + ((long)o * B + b) * Hp * Wp;
             uint8_t *ap = arg ? arg + ((long)o * B + b) * Hp * Wp : NULL;
-            if (!pool) {
-#pragma omp simd
-                for (int i = 0; i < HW; i++)
-                    op[i] = tmp[i] < 0.0f ? 0.0f : tmp[i]; /* NaN passes, as in torch */
-                if (ap)
-                    for (int i = 0; i < HW; i++)
-                        ap[i] = !(tmp[i] <= 0.0f) ? 0 : NO_GRAD; /* NaN passes, as in torch */
-                continue;
-            }
             if (pool == 2 && finite) {
                 pool2_relu(tmp, Wo, Hp, Wp, op, ap, tmp + HW);
                 continue;
@@ -443,6 +455,7 @@ void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias,
  * arg      cl_block_forward's arg.
  * zhat     cl_block_forward's z on return (normalised when there is a batch norm).
  * gz       [O][N], written.
+ * mask     cl_block_forward's mask (channel-major).
  * gamma, invstd: [O], NULL without batch norm. The batch norm must have used batch
  *          statistics (training); backward through running statistics is torch's business.
  * dgamma, dbeta, dbias: [O] or NULL, written.
@@ -456,7 +469,14 @@ void cl_block_backward(const float *gout, const uint8_t *arg, const float *zhat,
     const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
     for (int o = 0; o < O; o++) {
         float *gc = gz + o * N;
-        for (int b = 0; b < B; b++) {
+        if (!pool) {
+            const float *go = gout + (long)o * N;
+            const uint8_t *ac = arg + (long)o * N;
+#pragma omp simd
+            for (long i = 0; i < N; i++)
+                gc[i] = ac[i] == NO_GRAD ? 0.0f : go[i];
+        }
+        for (int b = 0; pool && b < B; b++) {
             float *gp = gc + (long)b * HW;
             const float *go = gout + ((long)o * B + b) * Hp * Wp;
             const uint8_t *ap = arg + ((long)o * B + b) * Hp * Wp;
@@ -464,7 +484,7 @@ void cl_block_backward(const float *gout, const uint8_t *arg, const float *zhat,
                 if (Ho % 2 || Wo % 2)
                     memset(gp, 0, sizeof(float) * HW);
                 pool2_backward(go, ap, gp, Wo, Hp, Wp);
-            } else if (pool) {
+            } else {
                 memset(gp, 0, sizeof(float) * HW);
                 for (int ip = 0; ip < Hp; ip++)
                     for (int jp = 0; jp < Wp; jp++) {
@@ -472,14 +492,10 @@ void cl_block_backward(const float *gout, const uint8_t *arg, const float *zhat,
                         if (a != NO_GRAD)
                             gp[(ip * pool + a / pool) * Wo + jp * pool + a % pool] = go[ip * Wp + jp];
                     }
-            } else {
-#pragma omp simd
-                for (int i = 0; i < HW; i++)
-                    gp[i] = ap[i] == NO_GRAD ? 0.0f : go[i];
             }
-            if (mask)
-                plane_mask_grad(gp, HW, mask, mask_bits, ((long)b * O + o) * HW, threshold, scale);
         }
+        if (mask)
+            mask_grad(gc, N, mask + (long)o * N * (mask_bits / 8), mask_bits, threshold, scale);
         if (gamma) {
             const float *zc = zhat + o * N;
             double sg, sgz;
