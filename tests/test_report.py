@@ -72,7 +72,7 @@ def _write_run(run: Path, cfg: dict, seed: int, acc_eval: float, gap: float, rng
                                      + "".join(",".join(str(x) for x in r) + "\n" for r in rows))
     idx = rng.permutation(N_TRAIN + N_VAL)
     np.savez(run / "split.npz", train_idx=idx[:N_TRAIN], val_idx=idx[N_TRAIN:])
-    base = {"seed": seed, "eval_mode": "eval", "epochs": EPOCHS, "device": "cpu",
+    base = {"seed": seed, "eval_mode": "eval", "epochs": EPOCHS, "device": "cpu", "kernels": "native (cc -O3)",
             "versions": {"cnnlab": "0.1.0", "torch": "2.13.0", "numpy": "2.4.6", "python": "3.11.2",
                          "platform": "Linux-x86_64"},
             "command": f"cnnlab study lab.toml (seed {seed})", "started": "2024-01-01T00:00:00",
@@ -213,6 +213,7 @@ def test_every_section_is_there_with_real_numbers(built):
     assert f"{N_TRAIN} train / {N_VAL} validation / {N_TEST} test" in md
     assert "| epochs" in md and f"| {EPOCHS} " in md
     assert "0–3 (10 of 12 runs finished)" in md
+    assert "| kernels " in md and "native (cc -O3)" in md  # which kernels trained: float rounding depends on them
     assert "| device" in md and "cpu" in md and "eval (model.eval()" in md
     # the lab's model summary, exactly as cnnlab.summary prints it for this input
     from cnnlab.spec import PRESETS

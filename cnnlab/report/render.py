@@ -152,6 +152,7 @@ def protocol(study: Study, an: Analysis) -> list[tuple[str, str]]:
         ("optimizer", "Adam, lr " + _distinct(section(c, "train").get("lr") for c in cfg)),
         ("seeds", f"{seeds_text(study.seeds)} ({an.finished} of {an.planned} runs finished)"),
         ("device", _distinct(r.result.get("device") for r in done)),
+        ("kernels", _distinct(r.result.get("kernels") for r in done)),  # float rounding depends on them
         ("eval mode", mode_words.get(modes, modes)),
     ]
 
