@@ -4,7 +4,7 @@ The kernels are plain C with no torch headers, so building them takes about a se
 the system's C compiler (`cc`, or $CC). The library is cached per source, compiler, flags
 and CPU under $CNNLAB_NATIVE_DIR (default ~/.cache/cnnlab/native), so each machine builds it
 once; a concurrent build by another process is harmless (each writes its own temporary file
-and renames it into place).
+and renames it into place), and a damaged library in the cache is built again.
 
 Without a C compiler, or with CNNLAB_NATIVE=0, `library()` returns None and cnnlab runs the
 same network with torch's kernels (cnnlab.fastops): the same math, slower, and rounded in a
@@ -65,11 +65,13 @@ def _cpu_id() -> str:
     return "".join(ident)
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, force: bool = False) -> Path:
+    """The library's path, compiling it unless it is cached (or force). A new build replaces
+    the file atomically: a process that has the old one loaded keeps its (unlinked) copy."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode())
     out = build_dir() / f"libcnnlab-{key.hexdigest()[:16]}.so"
-    if out.exists():
+    if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
@@ -99,7 +101,10 @@ def library() -> ctypes.CDLL | None:
         _status = "torch (native kernels unavailable: no C compiler; install gcc or set CC)"
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+        except OSError:  # a damaged library in the cache: build it again, once
+            lib = ctypes.CDLL(str(_build(cc, force=True)))
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, None
