@@ -32,10 +32,10 @@ def _worker(threads: int, steps: int, preset: str, start, q) -> None:
     fastops.tune_allocator()
     x, y = batches()
     model, opt, _ = list(configs(PRESETS[preset]).values())[-1]  # the engine's configuration
-    train_steps(model, opt, x, y, 10, 0)  # warm-up
+    train_steps(model, opt, x, y, 10, 0, step_fn=True)  # warm-up
     start.wait()
     t = time.perf_counter()
-    train_steps(model, opt, x, y, steps, 0)
+    train_steps(model, opt, x, y, steps, 0, step_fn=True)  # the engine's step, without autograd
     q.put((t, time.perf_counter()))
 
 
