@@ -92,18 +92,27 @@ class Net(nn.Sequential):
         self._blocks: list[fastops.BlockParts] = []
         self._native_end = 0
         mods = [(j, m) for j, m in enumerate(self) if not isinstance(m, nn.Flatten)]
+        relus: list[int] = []
         for row, (j, m) in zip(rows, mods):
             if row.block == "out":
                 self._native_end = j
                 break
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 self._blocks.append(fastops.BlockParts(m, out_hw=tuple(row.out_shape[1:]) or (1, 1)))
+                relus.append(0)
             elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 self._blocks[-1].bn = m
             elif isinstance(m, (FastDropout, nn.Dropout)):
                 self._blocks[-1].drop = m
             elif isinstance(m, nn.MaxPool2d):
                 self._blocks[-1].pool = m
+            elif isinstance(m, nn.ReLU):
+                relus[-1] += 1
+            else:  # a layer kind the kernels do not know: never skip it, run torch's modules
+                relus = [-1]
+                break
+        if any(n != 1 for n in relus):  # the kernels apply exactly one ReLU per block
+            self._blocks = []
 
     def native_train_step(self, x: torch.Tensor, y: torch.Tensor):
         """Forward and backward of one training step on the native kernels without autograd

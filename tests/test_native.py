@@ -682,3 +682,24 @@ def test_native_train_step_refuses_what_it_cannot_do(lib, monkeypatch):
     assert ref.native_train_step(x, y) is None  # fast=False: torch's modules only
     monkeypatch.setattr(model, "FAST_PATHS", model.FAST_PATHS - {"native"})
     assert net.native_train_step(x, y) is None
+
+
+def test_a_block_the_kernels_do_not_know_runs_on_torch(lib, spy, monkeypatch):
+    """A layer kind added to a block later (here: a Tanh instead of the ReLU) must never be
+    skipped by the native path: the net then runs on torch's modules."""
+    spec = ModelSpec((ConvBlock(3, kernel=3, pool=2),), (FcBlock(8),))
+    real_make = model._make
+
+    def make(kind, args, fast_dropout):
+        return nn.Tanh() if kind == "ReLU" else real_make(kind, args, fast_dropout)
+
+    monkeypatch.setattr(model, "_make", make)
+    net = build_model(spec, (1, 12, 12), 10)
+    ref = build_model(spec, (1, 12, 12), 10, fast=False)
+    ref.load_state_dict(net.state_dict())
+    x, y = data((1, 12, 12), 4)
+    assert net.native_train_step(x, y) is None
+    out_n, out_r = net(x), ref(x)
+    assert not block_kernels(spy)
+    assert torch.allclose(out_n, out_r, atol=1e-6)
+    assert sum(isinstance(m, nn.Tanh) for m in net) == 2 and (out_n != 0).all()
