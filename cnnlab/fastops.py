@@ -280,7 +280,7 @@ def _block_forward(x, weight, bias, gamma, beta, parts, mask, lib, grad: bool):
         z.data_ptr(), O, B, Ho, Wo, _ptr(bias), _ptr(gamma), _ptr(beta),
         _ptr(bn.running_mean) if bn is not None else None, _ptr(bn.running_var) if bn is not None else None,
         int(batch_stats), float(bn.momentum) if bn is not None else 0.0, float(bn.eps) if bn is not None else 0.0,
-        None, _ptr(invstd), _ptr(mask), bits, thr, scale, pk, out.data_ptr(), _ptr(arg), tmp.data_ptr())
+        _ptr(invstd), _ptr(mask), bits, thr, scale, pk, out.data_ptr(), _ptr(arg), tmp.data_ptr())
     if batch_stats:
         bn.num_batches_tracked.add_(1)
     if not grad:

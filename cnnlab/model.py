@@ -140,8 +140,7 @@ class Net(nn.Sequential):
             h = x.transpose(0, 1)  # a view, already contiguous for one input channel
             for parts in self._blocks:
                 if parts.fc and h.dim() == 4:  # flatten in NCHW feature order: [C*H*W][B]
-                    c, b = h.shape[:2]
-                    h = h.reshape(c, b, -1).transpose(1, 2).reshape(-1, b)
+                    h = fastops.flatten_cm(h)
                 h = fastops.block(h, parts, lib)
             x = h.transpose(0, 1)  # (B, C, H, W) or (B, F), a view
             i = self._native_end if h.dim() == 2 else next(j for j, m in enumerate(layers) if isinstance(m, nn.Flatten))

@@ -31,7 +31,7 @@ SIGNATURES = {
     "cl_random_bytes": [_P, ctypes.c_long, ctypes.c_uint64],
     "cl_im2col": [_P, _P] + [_I] * 9,
     "cl_col2im": [_P, _P] + [_I] * 9,
-    "cl_block_forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _D, _D, _P, _P, _P, _I, _I, _F, _I, _P, _P, _P],
+    "cl_block_forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _D, _D, _P, _P, _I, _I, _F, _I, _P, _P, _P],
     "cl_block_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _I, _F, _I, _P, _P, _P, _P, _P],
 }
 

@@ -348,7 +348,7 @@ static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8
  * gamma, beta, run_mean, run_var: [O], or all NULL when there is no batch norm.
  * batch_stats  1: normalise with the batch's statistics and update the running ones
  *          (training); 0: with the running ones (evaluation).
- * mean_out, invstd_out [O]: the statistics used (batch norm only).
+ * invstd_out [O]: 1 / sqrt(var + eps) as used (batch norm only); backward needs it.
  * mask     NULL for no dropout, else the B*O*Ho*Wo draws of mask_bits (8 or 16) bits, in
  *          channel-major order [O][B][Ho][Wo] like z (the caller reorders FastDropout's NCHW
  *          draws, so each unit keeps its own draw).
@@ -361,7 +361,7 @@ static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8
  */
 void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias, const float *gamma,
                       const float *beta, float *run_mean, float *run_var, int batch_stats, double momentum,
-                      double eps, float *mean_out, float *invstd_out, const uint8_t *mask, int mask_bits,
+                      double eps, float *invstd_out, const uint8_t *mask, int mask_bits,
                       int threshold, float scale, int pool, float *out, uint8_t *arg, float *tmp)
 {
     const int HW = Ho * Wo;
@@ -389,8 +389,6 @@ void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias,
             }
             mf = (float)mean_z;
             isf = (float)invstd;
-            if (mean_out)
-                mean_out[o] = (float)mean;
             if (invstd_out)
                 invstd_out[o] = isf;
             g = gamma[o];
