@@ -21,6 +21,8 @@ function against torch's reference (values and gradients).
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
@@ -147,12 +149,17 @@ def random_bytes(n: int, device, native_rng: bool = True) -> torch.Tensor:
     if native_rng and torch.device(device).type == "cpu":
         lib = native.library()
         if lib is not None:
-            seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
+            seed = _draw_seed()
             out = torch.empty(n, dtype=torch.uint8)
             lib.cl_random_bytes(out.data_ptr(), n, seed)
             return out
     words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None)
     return words.view(torch.uint8)[:n]
+
+
+def _draw_seed() -> int:
+    """One 64-bit seed for cl_random_bytes, drawn from torch's generator."""
+    return int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
 
 
 def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float, native_rng: bool = True) -> torch.Tensor:
@@ -414,16 +421,180 @@ def _set_grad(t: torch.Tensor, g: torch.Tensor) -> None:
         t.grad = g.view_as(t) if t.grad is None else t.grad.add_(g.view_as(t))
 
 
+# ---------------------------------------------------------------------------- the step in one C call
+
+
+_INTS = ("fc", "C", "H", "W", "k", "s", "p", "Ho", "Wo", "O", "pool", "flatten", "flat_hw", "mask_bits", "threshold",
+         "direct")
+_MAX_TAPS = 64  # kernels.c's MAX_TAPS
+DIRECT_CONV1 = True  # bench/ablate.py switches it off
+_BUFS = ("cols", "z", "out", "invstd", "gz", "gout", "dcols", "feats", "arg", "mask_raw", "mask")
+
+
+class _CBlock(ctypes.Structure):
+    """kernels.c's cl_block."""
+    _fields_ = ([(n, ctypes.c_int) for n in _INTS] + [("scale", ctypes.c_float), ("batch_stats", ctypes.c_int),
+                                                        ("momentum", ctypes.c_double), ("eps", ctypes.c_double)]
+                + [(n, ctypes.c_void_p) for n in _BUFS])
+
+
+class TrainStep:
+    """train_step in one C call (kernels.c's cl_train_step), for one batch size: the same
+    kernels, mask draws and math, with the matrix products in torch's own BLAS sgemm_
+    (native.sgemm()). The plan holds the layer geometry, the hyperparameters it was built
+    with (key()) and every activation buffer; parameters, buffers and gradients are passed
+    per step, so they may be replaced between steps. Gradients accumulate into .grad as in
+    train_step, with one difference: a .grad that is None gets the plan's buffer for that
+    parameter, the same tensor every step (as if zero_grad(set_to_none=False) had kept it),
+    not a new one, which saved a tenth of a step in allocations. The loss and logits are new
+    tensors each step."""
+
+    def __init__(self, blocks: list[BlockParts], head: torch.nn.Linear, in_shape, batch: int, lib, sgemm: int):
+        self.blocks, self.head, self.batch, self.lib, self.sgemm = blocks, head, batch, lib, sgemm
+        self.key = TrainStep.key_of(blocks, batch)
+        B = batch
+        C, H, W = in_shape
+        shape = (C, H, W)  # the previous output, per sample: (C, H, W), or (F,) after an fc block
+        self._keep = []  # the workspace tensors, alive as long as the plan
+        self.xcm = self._buf(C * H * W * B)
+        self.tmp = self._buf(1)
+        cblocks = []
+        tmp_n = 1
+        for parts in blocks:
+            d = dict.fromkeys(_INTS, 0)
+            bufs = {}
+            O = parts.conv.weight.shape[0]
+            d["fc"], d["O"] = int(parts.fc), O
+            if parts.fc:
+                if len(shape) == 3:
+                    d["flatten"], d["flat_hw"] = shape[0], shape[1] * shape[2]
+                d["C"] = shape[0] if len(shape) == 1 else shape[0] * shape[1] * shape[2]
+                d["H"] = d["W"] = d["k"] = d["s"] = d["Ho"] = d["Wo"] = 1
+                if d["flatten"]:
+                    bufs["feats"] = self._buf(d["C"] * B)
+                    bufs["dcols"] = self._buf(d["C"] * B)
+                shape = (O,)
+            else:
+                c = parts.conv
+                k, st, pd = c.kernel_size[0], c.stride[0], c.padding[0]
+                Ho, Wo = (shape[1] + 2 * pd - k) // st + 1, (shape[2] + 2 * pd - k) // st + 1
+                d.update(C=shape[0], H=shape[1], W=shape[2], k=k, s=st, p=pd, Ho=Ho, Wo=Wo)
+                d["pool"] = pk = _int(parts.pool.kernel_size) if parts.pool is not None else 0
+                # the first block on a one-channel image, stride 1: a direct convolution (no
+                # im2col); it needs no input gradient either
+                d["direct"] = int(DIRECT_CONV1 and not cblocks and shape[0] == 1 and st == 1 and k * k <= _MAX_TAPS)
+                if not d["direct"]:
+                    bufs["cols"] = self._buf(shape[0] * k * k * B * Ho * Wo)
+                if cblocks:
+                    bufs["dcols"] = self._buf(shape[0] * k * k * B * Ho * Wo)
+                shape = (O, Ho // pk, Wo // pk) if pk else (O, Ho, Wo)
+            n_out = O * B * (shape[1] * shape[2] if len(shape) == 3 else 1)
+            N = B * d["Ho"] * d["Wo"]
+            tmp_n = max(tmp_n, 2 * d["Ho"] * d["Wo"])
+            bufs.update(z=self._buf(O * N), gz=self._buf(O * N), out=self._buf(n_out), gout=self._buf(n_out),
+                        arg=self._buf(n_out, torch.uint8), invstd=self._buf(O))
+            drop = parts.drop
+            if drop is not None and drop.training and drop.p > 0:
+                d.update(mask_bits=drop.bits, threshold=drop.threshold)
+                bufs["mask_raw"] = self._buf(O * N * drop.bits // 8, torch.uint8)
+                bufs["mask"] = self._buf(O * N * drop.bits // 8, torch.uint8)
+            cb = _CBlock(**d, **{k: v.data_ptr() for k, v in bufs.items()})
+            if d["mask_bits"]:
+                cb.scale = drop.scale
+            bn = parts.bn
+            if bn is not None:
+                cb.batch_stats, cb.momentum, cb.eps = int(bn.training), float(bn.momentum), float(bn.eps)
+            cblocks.append(cb)
+        self.n_drops = sum(1 for cb in cblocks if cb.mask_bits)
+        self.tmp = self._buf(tmp_n)
+        self.F, self.K = head.in_features, head.out_features
+        last = shape
+        self.hfeats = self._buf(self.F * B) if len(last) == 3 else None
+        self.hgrad = self._buf(self.F * B) if len(last) == 3 else None
+        self.probs = self._buf(B * self.K)
+        self.cblocks = (_CBlock * len(cblocks))(*cblocks)
+        self._grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its gradient buffer
+
+    def _buf(self, n: int, dtype=torch.float32) -> torch.Tensor:
+        t = torch.empty(n, dtype=dtype)
+        self._keep.append(t)
+        return t
+
+    @staticmethod
+    def key_of(blocks: list[BlockParts], batch: int) -> tuple:
+        """What the plan bakes in besides shapes: the batch size, batch norm's mode and
+        constants, dropout's mode and threshold."""
+        key = [batch]
+        for parts in blocks:
+            bn, drop = parts.bn, parts.drop
+            key.append((bn.training, bn.momentum, bn.eps) if bn is not None else None)
+            key.append((drop.training, drop.p, drop.bits, drop.threshold, drop.scale) if drop is not None else None)
+        return tuple(key)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        """(loss, logits) of one step on the batch x [B][C][H][W] (float32), y [B]; gradients
+        accumulated into each parameter's .grad, BatchNorm's running statistics updated."""
+        x = x.contiguous()
+        y = y.to(torch.int64).contiguous()
+        seeds = (ctypes.c_uint64 * max(self.n_drops, 1))(*[_draw_seed() for _ in range(self.n_drops)])
+        ptrs, fresh, added = [], [], []
+
+        def grad_of(t):
+            if t is None or not t.requires_grad:
+                return None
+            if t.grad is None:  # the plan's own buffer, the same every step
+                g = self._grads.get(t)
+                if g is None or g.shape != t.shape:
+                    g = self._grads[t] = torch.empty(t.shape)
+                fresh.append((t, g))
+            else:  # accumulate: into a new tensor, added below
+                g = torch.empty(t.shape)
+                added.append((t, g))
+            return g.data_ptr()
+
+        for parts in self.blocks:
+            c, bn = parts.conv, parts.bn
+            w, b = c.weight, c.bias
+            if bn is None:
+                ptrs += [w.data_ptr(), _ptr(b), None, None, None, None, None, grad_of(w), grad_of(b), None, None]
+            else:
+                gm, bt = bn.weight, bn.bias
+                ptrs += [w.data_ptr(), _ptr(b), gm.data_ptr(), bt.data_ptr(), bn.running_mean.data_ptr(),
+                         bn.running_var.data_ptr(), _ptr(bn.num_batches_tracked), grad_of(w), grad_of(b),
+                         grad_of(gm), grad_of(bt)]
+        head = self.head
+        ptrs += [head.weight.data_ptr(), _ptr(head.bias), grad_of(head.weight), grad_of(head.bias)]
+        logits = torch.empty(self.batch, self.K)
+        loss = torch.empty(())
+        rc = self.lib.cl_train_step(len(self.blocks), self.cblocks, (ctypes.c_void_p * len(ptrs))(*ptrs), seeds,
+                                    x.data_ptr(), y.data_ptr(), self.batch, self.K, self.F, self.xcm.data_ptr(),
+                                    _ptr(self.hfeats), _ptr(self.hgrad), self.probs.data_ptr(),
+                                    self.tmp.data_ptr(), logits.data_ptr(), loss.data_ptr(), self.sgemm)
+        if rc == -1:
+            raise MemoryError("out of memory in the native training step")
+        if rc:
+            raise IndexError(f"Target {int(y[rc - 1])} is out of bounds.")  # torch's cross_entropy message
+        for t, g in fresh:
+            t.grad = g
+        for t, g in added:
+            t.grad.add_(g)
+        return loss, logits
+
+
 # ---------------------------------------------------------------------------- optimizer
 
 
 class LeanAdam(torch.optim.Adam):
-    """torch.optim.Adam(fused=True) with a shorter step: the same fused kernel with the same
-    arguments, so the same numbers bit for bit (tests/test_speed_equivalence.py), without the
-    generic step's per-call Python (grouping by device and dtype, option checks, hooks), which
-    cost more than the kernel itself at the lab's 60k parameters. Anything outside the plain
-    case (several groups, amsgrad, weight decay, a closure, the first step that creates the
-    state, a missing gradient) goes through torch's own step. State and state_dict are torch's."""
+    """torch.optim.Adam(fused=True) with a shorter step: the same arithmetic as torch's fused
+    CPU kernel, operation for operation, so the same numbers bit for bit where that kernel
+    runs 8 floats per vector (AVX2; tests/test_native.py and test_speed_equivalence.py
+    check), without the generic step's per-call Python (grouping by device and dtype,
+    option checks, a dispatch per list), which cost more than the arithmetic at the lab's
+    60k parameters. On the CPU with the native kernels, the whole step is one C call
+    (kernels.c's cl_adam); otherwise torch's own fused kernel is called directly. Anything
+    outside the plain case (several groups, amsgrad, weight decay, a closure, the first step
+    that creates the state, a missing gradient) goes through torch's own step. State and
+    state_dict are torch's."""
 
     def __init__(self, params, lr: float = 1e-3):
         super().__init__(params, lr=lr, fused=True)
@@ -441,6 +612,15 @@ class LeanAdam(torch.optim.Adam):
             return super().step()
         steps = [s["step"] for s in states]
         beta1, beta2 = g["betas"]
+        lib = native.library()
+        if lib is not None and all(_plain_cpu(p) and _plain_cpu(p.grad) for p in params):  # 0.3 us each
+            n = len(params)
+            arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) for ts in
+                      (params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], steps)]
+            lib.cl_adam(n, *arrays, (ctypes.c_int64 * n)(*[p.numel() for p in params]), float(g["lr"]),
+                        float(beta1), float(beta2), float(g["eps"]), _adam_vector_width())
+            return None
         with torch.no_grad():
             torch._foreach_add_(steps, 1)
             torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
@@ -448,3 +628,18 @@ class LeanAdam(torch.optim.Adam):
                                beta1=beta1, beta2=beta2, weight_decay=0.0, eps=g["eps"], maximize=False,
                                grad_scale=None, found_inf=None)
         return None
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
+
+
+_ADAM_VEC: int | None = None
+
+
+def _adam_vector_width() -> int:
+    """Floats per vector in torch's fused Adam kernel on this CPU (where its scalar tail begins)."""
+    global _ADAM_VEC
+    if _ADAM_VEC is None:
+        _ADAM_VEC = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+    return _ADAM_VEC

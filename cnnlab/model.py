@@ -58,7 +58,7 @@ class FastDropout(nn.Module):
 
 
 # The fast paths Net(fast=True) takes; bench/ablate.py switches them off one by one.
-FAST_PATHS = {"pool", "conv1", "native"}
+FAST_PATHS = {"pool", "conv1", "native", "cstep"}
 
 
 class Net(nn.Sequential):
@@ -91,6 +91,7 @@ class Net(nn.Sequential):
         # registered twice. _native_end: index of the first layer after them (the output Linear).
         self._blocks: list[fastops.BlockParts] = []
         self._native_end = 0
+        self._step_plans: dict[tuple, fastops.TrainStep] = {}  # native_train_step's, per batch size and mode
         mods = [(j, m) for j, m in enumerate(self) if not isinstance(m, nn.Flatten)]
         relus: list[int] = []
         for row, (j, m) in zip(rows, mods):
@@ -114,6 +115,13 @@ class Net(nn.Sequential):
         if any(n != 1 for n in relus):  # the kernels apply exactly one ReLU per block
             self._blocks = []
 
+    def __getstate__(self):
+        """Copies and pickles leave the step plans behind: they hold raw pointers into this
+        net's tensors (a copy builds its own on its first step)."""
+        state = dict(super().__getstate__())
+        state["_step_plans"] = {}
+        return state
+
     def native_train_step(self, x: torch.Tensor, y: torch.Tensor):
         """Forward and backward of one training step on the native kernels without autograd
         (fastops.train_step): (loss, logits), gradients accumulated into .grad. None where
@@ -126,7 +134,14 @@ class Net(nn.Sequential):
         lib = native.library()
         if lib is None or not all(parts.native_ok(x) for parts in self._blocks):
             return None
-        return fastops.train_step(self._blocks, self[-1], x, y, lib)
+        sgemm = native.sgemm()
+        if sgemm is None or "cstep" not in FAST_PATHS:
+            return fastops.train_step(self._blocks, self[-1], x, y, lib)
+        key = fastops.TrainStep.key_of(self._blocks, x.shape[0])
+        plan = self._step_plans.get(key)
+        if plan is None:
+            plan = self._step_plans[key] = fastops.TrainStep(self._blocks, self[-1], self.in_shape, x.shape[0], lib, sgemm)
+        return plan(x, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast or x.device.type != "cpu":

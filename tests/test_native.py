@@ -17,7 +17,10 @@ ran (or really did not).
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +35,7 @@ from cnnlab.model import FastDropout, build_model
 from cnnlab.spec import PRESETS, ConvBlock, FcBlock, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_PATHS = {"pool", "conv1", "native"}
+ALL_PATHS = {"pool", "conv1", "native", "cstep"}
 TORCH_PATHS = {"pool", "conv1"}
 P16 = 1 - 52416 / 65536  # 0.2001953125: exact with a 16-bit draw, not with an 8-bit one
 
@@ -83,6 +86,8 @@ class _CountingLib:
 
         def counted(*args):
             self._calls.append(name)
+            if name == "cl_train_step":  # the whole step in one call: it runs args[0] blocks
+                self._calls.extend(["cl_block_forward (in cl_train_step)"] * args[0])
             return fn(*args)
 
         return counted
@@ -104,8 +109,8 @@ def spy(monkeypatch):
 
 
 def native_blocks(spy) -> int:
-    """How many blocks ran on the native path."""
-    return spy.count("cl_block_forward")
+    """How many blocks ran on the native path (one by one, or inside cl_train_step)."""
+    return sum(1 for name in spy if name.startswith("cl_block_forward"))
 
 
 def block_kernels(spy) -> list[str]:
@@ -215,10 +220,15 @@ def native_step(net, x, y, seed):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("how", ["autograd", "step"])
-def test_native_training_step_and_eval_equal_torch_modules(lib, spy, case, how):
+@pytest.mark.parametrize("how", ["autograd", "step", "C step"])
+def test_native_training_step_and_eval_equal_torch_modules(lib, spy, monkeypatch, case, how):
     """The native net through autograd (forward + loss.backward()), and its hand-written
-    training step (Net.native_train_step, what the engine runs), against torch's modules."""
+    training step (Net.native_train_step, what the engine runs) both as calls from Python
+    (fastops.train_step) and as one C call (fastops.TrainStep), against torch's modules."""
+    if how == "step":
+        monkeypatch.setattr(model, "FAST_PATHS", model.FAST_PATHS - {"cstep"})
+    elif how == "C step" and native.sgemm() is None:
+        pytest.skip(f"no BLAS sgemm_ in torch's library: {native._sgemm_status}")
     spec, in_shape, batch = CASES[case]
     ref, net = pair(spec, in_shape)
     x, y = data(in_shape, batch)
@@ -226,6 +236,7 @@ def test_native_training_step_and_eval_equal_torch_modules(lib, spy, case, how):
     assert not block_kernels(spy)
     out_n, loss_n = (train_step if how == "autograd" else native_step)(net, x, y, seed=5)
     assert native_blocks(spy) >= len(spec.conv), "the native path did not run"
+    assert ("cl_train_step" in spy) == (how == "C step")
     assert_close(out_n, out_r, "training output")
     assert_close(loss_n, loss_r, "loss")
 
@@ -703,3 +714,131 @@ def test_a_block_the_kernels_do_not_know_runs_on_torch(lib, spy, monkeypatch):
     assert not block_kernels(spy)
     assert torch.allclose(out_n, out_r, atol=1e-6)
     assert sum(isinstance(m, nn.Tanh) for m in net) == 2 and (out_n != 0).all()
+
+
+# ---------------------------------------------------------------------------- the step in one C call
+
+
+@pytest.fixture
+def sgemm(lib):
+    got = native.sgemm()
+    if got is None:
+        pytest.skip(f"no BLAS sgemm_ in torch's library: {native._sgemm_status}")
+    return got
+
+
+def _python_then_c(monkeypatch, net_py, net_c, x, y, seed):
+    """One step of each: net_py on fastops.train_step (calls from Python), net_c on the C step."""
+    monkeypatch.setattr(model, "FAST_PATHS", set(ALL_PATHS) - {"cstep"})
+    torch.manual_seed(seed)
+    got_py = net_py.native_train_step(x, y)
+    monkeypatch.setattr(model, "FAST_PATHS", set(ALL_PATHS))
+    torch.manual_seed(seed)
+    got_c = net_c.native_train_step(x, y)
+    assert got_py is not None and got_c is not None
+    return got_py, got_c
+
+
+def _assert_same_state(net_py, net_c, what):
+    noise = noise_biases(net_py)
+    for (k, p), q in zip(net_py.named_parameters(), net_c.parameters()):
+        assert (p.grad is None) == (q.grad is None), f"{what}: grad {k}"
+        if p.grad is not None and k not in noise:
+            assert_close(q.grad, p.grad, f"{what}: grad {k}")
+    for (k, b), c in zip(net_py.named_buffers(), net_c.buffers()):
+        assert_close(c, b, f"{what}: {k}", rtol=1e-5, atol=1e-6)
+
+
+def test_c_step_plans_follow_the_batch_size_and_the_mode(lib, sgemm, spy, monkeypatch):
+    """A plan is built per batch size (the epoch's last batch is smaller) and rebuilt when
+    what it bakes in changes (dropout p, batch norm momentum); each step still equals the
+    Python step."""
+    spec, in_shape, _ = CASES["nopool-then-pool-16bit"]
+    _, net_py = pair(spec, in_shape)
+    _, net_c = pair(spec, in_shape)
+    steps = [(50, "first"), (17, "a smaller last batch"), (50, "batch 50 again")]
+    for i, (batch, what) in enumerate(steps):
+        x, y = data(in_shape, batch, seed=i)
+        (l_py, o_py), (l_c, o_c) = _python_then_c(monkeypatch, net_py, net_c, x, y, seed=i)
+        assert_close(o_c, o_py, f"{what}: logits")
+        assert_close(l_c, l_py, f"{what}: loss")
+        _assert_same_state(net_py, net_c, what)
+    assert len(net_c._step_plans) == 2 and spy.count("cl_train_step") == 3
+    for net in (net_py, net_c):
+        next(m for m in net if isinstance(m, FastDropout)).eval()  # the first block's dropout: off
+        next(m for m in net if isinstance(m, nn.BatchNorm2d)).momentum = 0.5
+    x, y = data(in_shape, 50, seed=9)
+    (l_py, o_py), (l_c, o_c) = _python_then_c(monkeypatch, net_py, net_c, x, y, seed=9)
+    assert len(net_c._step_plans) == 3
+    assert_close(o_c, o_py, "after turning a dropout off and changing a momentum: logits")
+    _assert_same_state(net_py, net_c, "after turning a dropout off and changing a momentum")
+
+
+def test_c_step_accumulates_gradients_and_skips_frozen_parameters(lib, sgemm, monkeypatch):
+    spec, in_shape, batch = CASES["lab2-3c3f-bn-1x28x28-b50"]
+    _, net_py = pair(spec, in_shape)
+    _, net_c = pair(spec, in_shape)
+    for net in (net_py, net_c):
+        net[0].weight.requires_grad_(False)  # frozen first conv
+        net[1].bias.requires_grad_(False)  # and its batch norm's beta
+        net[-1].weight.grad = torch.ones_like(net[-1].weight)  # a gradient from before: accumulate
+    x, y = data(in_shape, batch)
+    _python_then_c(monkeypatch, net_py, net_c, x, y, seed=3)
+    assert net_c[0].weight.grad is None and net_c[1].bias.grad is None
+    assert net_c[1].weight.grad is not None
+    _assert_same_state(net_py, net_c, "frozen and accumulated")
+    assert (net_c[-1].weight.grad - 1).abs().max() > 0  # the new gradient was added to the old
+
+
+def test_c_step_label_out_of_range_raises_like_torch(lib, sgemm, monkeypatch):
+    spec, in_shape, batch = CASES["lab2-2c2f-1x28x28-b50"]
+    ref, net = pair(spec, in_shape)
+    x, y = data(in_shape, batch)
+    y[7] = 10
+    with pytest.raises(IndexError) as want:
+        train_step(ref, x, y, seed=0)
+    with pytest.raises(IndexError) as got:
+        net.native_train_step(x, y)
+    assert str(got.value) == str(want.value) == "Target 10 is out of bounds."
+
+
+def test_copies_of_a_net_build_their_own_plans(lib, sgemm):
+    """A plan holds raw pointers into its net's tensors: a copy or a pickled net must not
+    keep it, and trains exactly like the original."""
+    spec, in_shape, batch = CASES["lab2-3c3f-bn-1x28x28-b50"]
+    _, net = pair(spec, in_shape)
+    x, y = data(in_shape, batch)
+    net.native_train_step(x, y)
+    assert net._step_plans
+    twins = [copy.deepcopy(net), pickle.loads(pickle.dumps(net))]
+    assert all(not t._step_plans for t in twins)
+    results = []
+    for m in [net, *twins]:
+        for p in m.parameters():
+            p.grad = None
+        torch.manual_seed(4)
+        results.append(m.native_train_step(x, y))
+    for loss, logits in results[1:]:
+        assert torch.equal(logits, results[0][1]) and torch.equal(loss, results[0][0])
+    assert torch.equal(twins[0][0].weight.grad, net[0].weight.grad)
+    assert net[0].weight.data_ptr() != twins[0][0].weight.data_ptr()
+
+
+def test_without_sgemm_the_step_runs_from_python(lib, spy, monkeypatch):
+    """No usable BLAS sgemm_ (another torch build): the same step as separate calls."""
+    monkeypatch.setattr(native, "sgemm", lambda: None)
+    spec, in_shape, batch = CASES["lab2-3c3f-bn-1x28x28-b50"]
+    _, net = pair(spec, in_shape)
+    x, y = data(in_shape, batch)
+    assert net.native_train_step(x, y) is not None
+    assert "cl_train_step" not in spy and spy.count("cl_block_forward") == 5
+
+
+def test_a_wrong_sgemm_fails_the_check(lib):
+    """cl_sgemm_check is what stands between a mismatched BLAS and wrong numbers."""
+    proto = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)
+    noop = proto(lambda *args: None)  # multiplies nothing: C keeps whatever it held
+    assert lib.cl_sgemm_check(ctypes.cast(noop, ctypes.c_void_p).value) != 0
+    real = native.sgemm()
+    if real is not None:
+        assert lib.cl_sgemm_check(real) == 0

@@ -81,11 +81,15 @@ def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
 
     run, plain, data, spec = _engine_and_plain(tmp_path, preset)
     losses = [float(r["train_loss"]) for r in csv.DictReader(open(run / "metrics.csv"))]
-    # Every epoch. Not tighter: float32 rounding alone moves these 3-epoch losses by up to
-    # ~3e-3 (the plain loop in float32 against itself in float64: 2.6e-3 for lab2-2c3f), as
-    # Adam turns near-zero gradients into full-size steps and a ReLU or max-pool decision on
-    # a knife edge flips. Op-by-op equality is tested strictly below (same masks, rtol 1e-4).
-    np.testing.assert_allclose(losses, plain.train_loss, rtol=5e-3)
+    # Every epoch. Not tighter, because float32 rounding alone moves these 3-epoch numbers
+    # that much: Adam turns near-zero gradients into full-size steps, and a ReLU or max-pool
+    # decision on a knife edge flips under any change of summation order. Measured against
+    # the plain loop in float64 (seeds 3-7, docs/performance.md): the plain
+    # loop in float32 is off by up to 2.7e-3 in these losses and 0.044 in these logits, the
+    # engine by up to 6.2e-3 and 0.052, each path the one off at some seeds. So the engine
+    # and the plain loop may differ by about the sum. Op-by-op equality is tested strictly
+    # below (same masks, rtol 1e-4).
+    np.testing.assert_allclose(losses, plain.train_loss, rtol=1e-2)
     assert losses[-1] < losses[0]  # it did train
     state, _ = load(run / "checkpoints" / "last.safetensors")
     engine = build_model(spec, (1, 28, 28), 10)
@@ -93,7 +97,7 @@ def test_engine_follows_the_plain_loop_without_dropout(tmp_path, preset):
     engine.eval(), plain.model.eval()
     with torch.no_grad():
         a, b = engine(data.x_test), plain.model(data.x_test)
-    torch.testing.assert_close(a, b, rtol=0, atol=0.05)  # the same function
+    torch.testing.assert_close(a, b, rtol=0, atol=0.1)  # the same function (logits of size ~10)
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
 
 
@@ -291,21 +295,40 @@ def test_non_exact_p_falls_back_to_torch_dropout():
 # ---------------------------------------------------------------------------- optimizer
 
 
-def test_lean_adam_is_fused_adam_bit_for_bit_and_keeps_its_state_format():
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_lean_adam_is_fused_adam_bit_for_bit_and_keeps_its_state_format(kernel, monkeypatch):
+    """LeanAdam's step (kernels.c's cl_adam, or torch's fused kernel called directly without
+    the native kernels) against Adam(fused=True): gradients from 1e-8 to 10 (eps and the
+    square root matter), 30 steps, tensors whose sizes leave a scalar tail (54, 6, 10, ...).
+    Bit for bit where torch's kernel runs 8 floats per vector (AVX2: this project's
+    machines); elsewhere within one rounding per step."""
+    from cnnlab import native
+
+    if kernel == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip(f"no native kernels: {native.describe()}")
+    exact = torch.backends.cpu.get_cpu_capability() == "AVX2" or kernel == "torch"
+
+    def same(x, y):
+        return torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+
     torch.manual_seed(0)
     a = build_model(PRESETS["lab2-3c3f-bn"], (1, 28, 28), 10)
     b = copy.deepcopy(a)
     ref, lean = torch.optim.Adam(a.parameters(), lr=1e-3, fused=True), fastops.LeanAdam(b.parameters(), lr=1e-3)
-    for _ in range(4):
+    assert any(p.numel() % 8 for p in a.parameters())
+    for _ in range(30):
         for p, q in zip(a.parameters(), b.parameters()):
-            p.grad = torch.randn_like(p)
+            p.grad = torch.randn_like(p) * 10.0 ** torch.randint(-8, 2, p.shape)
             q.grad = p.grad.clone()
         ref.step(), lean.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(same(p, q) for p, q in zip(a.parameters(), b.parameters()))
     sa, sb = ref.state_dict(), lean.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
     for i, st in sa["state"].items():
-        assert st.keys() == sb["state"][i].keys() and all(torch.equal(st[k], sb["state"][i][k]) for k in st)
+        assert st.keys() == sb["state"][i].keys() and all(same(st[k], sb["state"][i][k]) for k in st)
+        assert st["step"].item() == 30
     # a state loaded from a checkpoint goes on the same way
     c = copy.deepcopy(b)
     again = fastops.LeanAdam(c.parameters(), lr=1e-3)

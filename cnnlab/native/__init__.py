@@ -27,12 +27,15 @@ FLAGS = ["-std=c99", "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd"
 BUILD_TIMEOUT = 120  # seconds
 
 _P, _I, _D, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_float
-SIGNATURES = {
+SIGNATURES = {  # name: argument types (restype None), or (argument types, restype)
     "cl_random_bytes": [_P, ctypes.c_long, ctypes.c_uint64],
     "cl_im2col": [_P, _P] + [_I] * 9,
     "cl_col2im": [_P, _P] + [_I] * 9,
     "cl_block_forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _D, _D, _P, _P, _I, _I, _F, _I, _P, _P, _P],
     "cl_block_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _I, _F, _I, _P, _P, _P, _P, _P],
+    "cl_sgemm_check": ([_P], _I),
+    "cl_train_step": ([_I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P], _I),
+    "cl_adam": [_I, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -105,14 +108,49 @@ def library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build(cc)))
         except OSError:  # a damaged library in the cache: build it again, once
             lib = ctypes.CDLL(str(_build(cc, force=True)))
-        for name, argtypes in SIGNATURES.items():
+        for name, sig in SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"torch (native kernels unavailable: {e})"
         return None
     _lib, _status = lib, f"native ({Path(cc).name} {' '.join(FLAGS[1:3])})"
     return _lib
+
+
+_sgemm: int | None = None
+_sgemm_status: str | None = None
+
+
+def sgemm() -> int | None:
+    """The address of the BLAS sgemm_ that torch itself calls (MKL in the x86 wheels), for
+    cl_train_step; None when torch's library does not export one or it fails a small check
+    (then the step runs as separate calls from Python, fastops.train_step)."""
+    global _sgemm, _sgemm_status
+    if _sgemm_status is not None:
+        return _sgemm
+    _sgemm_status = "torch.mm (no BLAS sgemm_ found in torch's library)"
+    lib = library()
+    if lib is None:
+        return None
+    import torch
+
+    libdir = Path(torch.__file__).parent / "lib"
+    for path in sorted(libdir.glob("libtorch_cpu.*")):
+        try:
+            torch_cpu = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for name in ("sgemm_", "SGEMM"):
+            fn = getattr(torch_cpu, name, None)
+            if fn is None:
+                continue
+            addr = ctypes.cast(fn, ctypes.c_void_p).value
+            if lib.cl_sgemm_check(addr) == 0:
+                _sgemm, _sgemm_status = addr, f"torch's {name}"
+                return _sgemm
+            _sgemm_status = f"torch.mm ({name} in {path.name} failed its check)"
+    return None
 
 
 def describe() -> str:

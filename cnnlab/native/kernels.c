@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NO_GRAD 255
@@ -509,5 +510,399 @@ void cl_block_backward(const float *gout, const uint8_t *arg, const float *zhat,
         }
         if (dbias)
             dbias[o] = (float)sum_f(gc, N);
+    }
+}
+
+/* The first conv block's convolution when its input has one channel and stride 1 (the
+ * lab's 28x28 images): computed directly from each zero-padded image, 8 outputs of a row
+ * at a time for every output channel, instead of an im2col matrix k*k times the image's
+ * size and a matrix product of only k*k terms per output.
+ *
+ * The padded plane has XS = ceil(Wo / 8) * 8 + k - 1 columns, zero beyond the image, so the
+ * last vector of a row reads only zeros past the row's end (its lanes past Wo are dropped
+ * on store, or multiplied by a zero gradient). */
+#define MAX_TAPS 64
+typedef float v8f __attribute__((vector_size(32))); /* GCC/Clang vector extension: 8 floats */
+
+static inline v8f load8(const float *p)
+{
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static int padded_cols(int Wo, int k) { return (Wo + 7) / 8 * 8 + k - 1; }
+
+/* xp: (H + 2p) rows of padded_cols(Wo, k) floats */
+static void pad_plane(const float *x, float *xp, int H, int W, int p, int xs)
+{
+    memset(xp, 0, sizeof(float) * (H + 2 * p) * xs);
+    for (int i = 0; i < H; i++)
+        memcpy(xp + (long)(i + p) * xs + p, x + (long)i * W, sizeof(float) * W);
+}
+
+static inline __attribute__((always_inline)) void conv1_forward_k(const float *x, const float *w, float *z, int B,
+                                                                   int H, int W, const int k, int p, int Ho, int Wo,
+                                                                   int O, float *xp)
+{
+    const int xs = padded_cols(Wo, k), T = k * k;
+    v8f src[MAX_TAPS];
+    for (int b = 0; b < B; b++) {
+        pad_plane(x + (long)b * H * W, xp, H, W, p, xs);
+        for (int i = 0; i < Ho; i++)
+            for (int j = 0; j < Wo; j += 8) {
+                for (int t = 0; t < T; t++)
+                    src[t] = load8(xp + (long)(i + t / k) * xs + j + t % k);
+                const int n = Wo - j < 8 ? Wo - j : 8;
+                for (int o = 0; o < O; o++) {
+                    const float *wo = w + (long)o * T;
+                    v8f acc = src[0] * wo[0];
+                    for (int t = 1; t < T; t++)
+                        acc += src[t] * wo[t];
+                    float *dst = z + (((long)o * B + b) * Ho + i) * Wo + j;
+                    if (n == 8)
+                        memcpy(dst, &acc, sizeof acc); /* a constant size: one store, not a call */
+                    else
+                        memcpy(dst, &acc, sizeof(float) * n);
+                }
+            }
+    }
+}
+
+/* (k = 3 compiled on its own, with the taps unrolled) */
+static void conv1_forward(const float *x, const float *w, float *z, int B, int H, int W, int k, int p, int Ho,
+                          int Wo, int O, float *xp)
+{
+    if (k == 3)
+        conv1_forward_k(x, w, z, B, H, W, 3, p, Ho, Wo, O, xp);
+    else
+        conv1_forward_k(x, w, z, B, H, W, k, p, Ho, Wo, O, xp);
+}
+
+/* its weight gradient: dw[o][t] = sum over b, i, j of gz[o][b][i][j] * xp_b[i + di][j + dj],
+ * in registers of 8 float lanes per image and channel, then added up in double. */
+static inline __attribute__((always_inline)) void conv1_weight_grad_k(const float *x, const float *gz, float *dw,
+                                                                       int B, int H, int W, const int k, int p,
+                                                                       int Ho, int Wo, int O, float *xp,
+                                                                       double *total)
+{
+    const int xs = padded_cols(Wo, k), T = k * k;
+    for (int t = 0; t < O * T; t++)
+        total[t] = 0.0;
+    for (int b = 0; b < B; b++) {
+        pad_plane(x + (long)b * H * W, xp, H, W, p, xs);
+        for (int o = 0; o < O; o++) {
+            v8f acc[MAX_TAPS];
+            for (int t = 0; t < T; t++)
+                acc[t] = (v8f){0};
+            const float *go = gz + ((long)o * B + b) * Ho * Wo;
+            for (int i = 0; i < Ho; i++)
+                for (int j = 0; j < Wo; j += 8) {
+                    v8f g = {0};
+                    if (Wo - j >= 8)
+                        g = load8(go + (long)i * Wo + j);
+                    else
+                        memcpy(&g, go + (long)i * Wo + j, sizeof(float) * (Wo - j));
+                    for (int t = 0; t < T; t++)
+                        acc[t] += g * load8(xp + (long)(i + t / k) * xs + j + t % k);
+                }
+            for (int t = 0; t < T; t++) {
+                double sum = 0.0;
+                for (int l = 0; l < 8; l++)
+                    sum += acc[t][l];
+                total[(long)o * T + t] += sum;
+            }
+        }
+    }
+    for (int t = 0; t < O * T; t++)
+        dw[t] = (float)total[t];
+}
+
+static void conv1_weight_grad(const float *x, const float *gz, float *dw, int B, int H, int W, int k, int p, int Ho,
+                              int Wo, int O, float *xp, double *total)
+{
+    if (k == 3)
+        conv1_weight_grad_k(x, gz, dw, B, H, W, 3, p, Ho, Wo, O, xp, total);
+    else
+        conv1_weight_grad_k(x, gz, dw, B, H, W, k, p, Ho, Wo, O, xp, total);
+}
+
+/* ------------------------------------------------------------------ the whole training step
+ *
+ * cl_train_step runs what cnnlab.fastops.train_step runs, in one call: every hidden block
+ * forward (im2col, matrix product, cl_block_forward), the output layer, the mean
+ * cross-entropy, and every gradient back to the first block. The matrix products go to the
+ * BLAS that torch itself uses (its sgemm_, whose address Python passes in), so the
+ * arithmetic is the same as torch.mm's; what this saves is the Python and the dispatch
+ * around ~100 small calls per step, about a quarter of a step at the lab's sizes.
+ */
+
+typedef void (*cl_sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
+                            const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                            const float *beta, float *c, const int *ldc);
+
+/* Row-major C[M][N] = op(A) op(B) (+ C when acc). op(A) is [M][K]: A is stored [M][K], or
+ * [K][M] when ta. op(B) is [K][N]: B is stored [K][N], or [N][K] when tb. Column-major BLAS
+ * sees the transposes, so it computes C^T = op(B)^T op(A)^T. */
+static void gemm(cl_sgemm_fn f, int ta, int tb, int M, int N, int K, const float *A, const float *B, int acc,
+                 float *C)
+{
+    const float one = 1.0f, beta = acc ? 1.0f : 0.0f;
+    const int lda = ta ? M : K, ldb = tb ? K : N, ldc = N;
+    f(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+/* 0 when f multiplies correctly in all four transpose cases (checked once, before use) */
+int cl_sgemm_check(cl_sgemm_fn f)
+{
+    enum { M = 3, N = 4, K = 5 };
+    float a[M * K], b[K * N], c[M * N];
+    for (int i = 0; i < M * K; i++)
+        a[i] = (float)(i % 7) - 2.0f;
+    for (int i = 0; i < K * N; i++)
+        b[i] = (float)(i % 5) * 0.5f - 1.0f;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            for (int i = 0; i < M * N; i++)
+                c[i] = NAN;
+            gemm(f, ta, tb, M, N, K, a, b, 0, c);
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) {
+                    float want = 0.0f;
+                    for (int l = 0; l < K; l++)
+                        want += (ta ? a[l * M + i] : a[i * K + l]) * (tb ? b[j * K + l] : b[l * N + j]);
+                    if (!(fabsf(c[i * N + j] - want) <= 1e-4f))
+                        return 1 + ta * 2 + tb;
+                }
+        }
+    return 0;
+}
+
+/* [C][B][HW] (channel-major activations) <-> [C*HW][B] (features in NCHW flatten order) */
+static void flatten_cm(const float *h, float *f, int C, int B, int HW)
+{
+    for (int c = 0; c < C; c++)
+        for (int b = 0; b < B; b++)
+            for (int j = 0; j < HW; j++)
+                f[((long)c * HW + j) * B + b] = h[((long)c * B + b) * HW + j];
+}
+
+static void unflatten_cm(const float *f, float *h, int C, int B, int HW)
+{
+    for (int c = 0; c < C; c++)
+        for (int b = 0; b < B; b++)
+            for (int j = 0; j < HW; j++)
+                h[((long)c * B + b) * HW + j] = f[((long)c * HW + j) * B + b];
+}
+
+/* One hidden block of the plan, built by cnnlab.fastops.TrainStep. The input is [C][B][H][W]
+ * for a conv block and [C][B] for an fc block; the output [O][B][Ho/pool][Wo/pool] or
+ * [O][B]. An fc block with flatten > 0 first flattens its input, the previous block's
+ * (or the image's) [flatten][B][H*W] with C = flatten * H*W, into `feats`. */
+typedef struct {
+    int fc, C, H, W, k, s, p, Ho, Wo, O, pool, flatten, flat_hw;
+    int mask_bits, threshold; /* mask_bits 0: no dropout */
+    int direct; /* the first block, one input channel, stride 1, k*k <= MAX_TAPS: conv1_forward, no im2col */
+    float scale;
+    int batch_stats; /* a batch norm in training mode (a plan never has one in eval mode) */
+    double momentum, eps;
+    /* workspace, owned by the plan: NULL where the block has no use for it */
+    float *cols, *z, *out, *invstd, *gz, *gout, *dcols, *feats;
+    uint8_t *arg, *mask_raw, *mask;
+} cl_block;
+
+/* The tensors of one block, per step (they may move between steps): */
+enum { P_WEIGHT, P_BIAS, P_GAMMA, P_BETA, P_RUN_MEAN, P_RUN_VAR, P_NUM_BATCHES,
+       P_DWEIGHT, P_DBIAS, P_DGAMMA, P_DBETA, P_COUNT };
+
+/* FastDropout's draws are in NCHW order ([B][O][HW] units of `bytes`); the kernels read them
+ * channel-major ([O][B][HW]) */
+static void mask_to_cm(const uint8_t *raw, uint8_t *cm, int B, int O, long unit)
+{
+    for (int o = 0; o < O; o++)
+        for (int b = 0; b < B; b++)
+            memcpy(cm + ((long)o * B + b) * unit, raw + ((long)b * O + o) * unit, unit);
+}
+
+/* One training step: forward, mean cross-entropy, backward; gradients written (not
+ * accumulated) where their pointer is not NULL. x: [B][C][H][W] float32 (NCHW); y: [B]
+ * labels; seeds: one per block with dropout, in block order (each seeds cl_random_bytes,
+ * as cnnlab.fastops.random_bytes does); ptrs: P_COUNT per block, then the head's weight
+ * [K][F], bias [K] (or NULL), and their gradients. xcm: [C][B][H][W] scratch; hfeats,
+ * hgrad: [F][B] scratch when the last block is a conv block; probs: [B][K] scratch; tmp:
+ * scratch of 2*Ho*Wo floats for the largest block. logits [B][K] and loss are written.
+ * Returns 0, 1 + b for the first label y[b] outside [0, K), or -1 when memory ran out. */
+int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, const int64_t *y,
+                  int B, int K, int F, float *xcm, float *hfeats, float *hgrad, float *probs, float *tmp,
+                  float *logits, float *loss, cl_sgemm_fn sgemm)
+{
+    for (int b = 0; b < B; b++)
+        if (y[b] < 0 || y[b] >= K)
+            return 1 + b;
+    float *xpad = NULL;
+    double *dw_total = NULL;
+    if (blk[0].direct) {
+        const cl_block *L = &blk[0];
+        xpad = malloc(sizeof(float) * (L->H + 2 * L->p) * padded_cols(L->Wo, L->k));
+        dw_total = malloc(sizeof(double) * L->O * L->k * L->k);
+        if (!xpad || !dw_total) {
+            free(xpad), free(dw_total);
+            return -1;
+        }
+    }
+    /* the image, channel-major */
+    const cl_block *b0 = &blk[0];
+    const int Cin = b0->fc ? b0->flatten : b0->C, HWin = b0->fc ? b0->flat_hw : b0->H * b0->W;
+    for (int c = 0; c < Cin; c++)
+        for (int b = 0; b < B; b++)
+            memcpy(xcm + ((long)c * B + b) * HWin, x + ((long)b * Cin + c) * HWin, sizeof(float) * HWin);
+    const float *h = xcm;
+    int si = 0;
+    for (int i = 0; i < nb; i++) {
+        cl_block *L = &blk[i];
+        void **P = ptrs + (long)i * P_COUNT;
+        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k;
+        const float *cols = h;
+        if (L->fc && L->flatten) {
+            flatten_cm(h, L->feats, L->flatten, B, L->flat_hw);
+            cols = L->feats;
+        } else if (L->direct) {
+            conv1_forward(h, P[P_WEIGHT], L->z, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad);
+        } else if (!L->fc) {
+            cl_im2col(h, L->cols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo);
+            cols = L->cols;
+        }
+        if (!L->direct)
+            gemm(sgemm, 0, 0, L->O, N, CK, P[P_WEIGHT], cols, 0, L->z);
+        if (L->mask_bits) {
+            const long unit = (long)L->Ho * L->Wo * (L->mask_bits / 8);
+            cl_random_bytes(L->mask_raw, unit * B * L->O, seeds[si++]);
+            mask_to_cm(L->mask_raw, L->mask, B, L->O, unit);
+        }
+        cl_block_forward(L->z, L->O, B, L->Ho, L->Wo, P[P_BIAS], P[P_GAMMA], P[P_BETA], P[P_RUN_MEAN],
+                         P[P_RUN_VAR], L->batch_stats, L->momentum, L->eps, L->invstd,
+                         L->mask_bits ? L->mask : NULL, L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale,
+                         L->pool, L->out, L->arg, tmp);
+        if (P[P_GAMMA] && L->batch_stats && P[P_NUM_BATCHES])
+            *(int64_t *)P[P_NUM_BATCHES] += 1;
+        h = L->out;
+    }
+    /* the output layer and the loss: logits = feats^T W^T + bias; loss = mean(lse - logit[y]);
+     * its gradient (softmax - onehot) / B, as torch's cross_entropy backward */
+    const cl_block *last = &blk[nb - 1];
+    void **H = ptrs + (long)nb * P_COUNT;
+    const float *feats = h;
+    const int last_hw = last->fc ? 1 : (last->pool ? (last->Ho / last->pool) * (last->Wo / last->pool)
+                                                   : last->Ho * last->Wo);
+    if (!last->fc) {
+        flatten_cm(h, hfeats, last->O, B, last_hw);
+        feats = hfeats;
+    }
+    const float *hw = H[0], *hb = H[1];
+    gemm(sgemm, 1, 1, B, K, F, feats, hw, 0, logits);
+    double total = 0.0;
+    for (int b = 0; b < B; b++) {
+        float *l = logits + (long)b * K, *pr = probs + (long)b * K;
+        if (hb)
+            for (int k = 0; k < K; k++)
+                l[k] += hb[k];
+        float mx = l[0];
+        for (int k = 1; k < K; k++)
+            mx = l[k] > mx || isnan(l[k]) ? l[k] : mx;
+        double s = 0.0;
+        for (int k = 0; k < K; k++) {
+            pr[k] = expf(l[k] - mx);
+            s += pr[k];
+        }
+        total += mx + log(s) - l[y[b]];
+        const float inv = (float)(1.0 / s), invB = 1.0f / B;
+        for (int k = 0; k < K; k++)
+            pr[k] = (pr[k] * inv - (k == y[b] ? 1.0f : 0.0f)) * invB;
+    }
+    *loss = (float)(total / B);
+    if (H[2])
+        gemm(sgemm, 1, 1, K, F, B, probs, feats, 0, H[2]); /* dW = g^T feats^T */
+    if (H[3] && hb) {
+        float *db = H[3];
+        for (int k = 0; k < K; k++) {
+            double s = 0.0;
+            for (int b = 0; b < B; b++)
+                s += probs[(long)b * K + k];
+            db[k] = (float)s;
+        }
+    }
+    /* the gradient of the last block's output */
+    if (last->fc) {
+        gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, last->gout);
+    } else {
+        gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, hgrad);
+        unflatten_cm(hgrad, last->gout, last->O, B, last_hw);
+    }
+    for (int i = nb - 1; i >= 0; i--) {
+        cl_block *L = &blk[i];
+        void **P = ptrs + (long)i * P_COUNT;
+        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k;
+        cl_block_backward(L->gout, L->arg, L->z, L->gz, L->O, B, L->Ho, L->Wo, L->mask_bits ? L->mask : NULL,
+                          L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, P[P_GAMMA],
+                          L->invstd, P[P_DGAMMA], P[P_DBETA], P[P_BIAS] ? P[P_DBIAS] : NULL);
+        const float *cols = L->fc ? (L->flatten ? L->feats : (i ? blk[i - 1].out : xcm)) : L->cols;
+        if (P[P_DWEIGHT] && L->direct)
+            conv1_weight_grad(xcm, L->gz, P[P_DWEIGHT], B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad, dw_total);
+        else if (P[P_DWEIGHT])
+            gemm(sgemm, 0, 1, L->O, CK, N, L->gz, cols, 0, P[P_DWEIGHT]);
+        if (i == 0)
+            break;
+        cl_block *prev = &blk[i - 1];
+        if (L->fc && !L->flatten) {
+            gemm(sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, 0, prev->gout);
+            continue;
+        }
+        gemm(sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, 0, L->dcols);
+        if (L->fc)
+            unflatten_cm(L->dcols, prev->gout, L->flatten, B, L->flat_hw);
+        else
+            cl_col2im(L->dcols, prev->gout, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo);
+    }
+    free(xpad), free(dw_total);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ Adam
+ *
+ * One step of torch.optim.Adam (no weight decay, no amsgrad, not maximising) over nt float32
+ * tensors, computed the way torch's fused CPU kernel computes it, operation for operation:
+ * double-precision bias corrections from the float step, then per element in float
+ *   m = fma(1 - beta1, g - m, m)                 (exp_avg.lerp_(grad, 1 - beta1))
+ *   v = fma((1 - beta2) * g, g, v * beta2)       (its vector loop; its scalar tail, the last
+ *       v = fma(v, beta2, (1 - beta2) * g * g)    n % vec elements, rounds this way)
+ *   p = p + (-step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)
+ * so that the result is torch's bit for bit where its kernel runs vec floats per vector
+ * (8 with AVX2; tests/test_native.py checks). steps: each tensor's step count (float),
+ * incremented first, as torch does. */
+void cl_adam(int nt, float **params, float **grads, float **exp_avgs, float **exp_avg_sqs, float **steps,
+             const int64_t *sizes, double lr, double beta1, double beta2, double eps, int vec)
+{
+    for (int t = 0; t < nt; t++) {
+        *steps[t] += 1.0f;
+        const double step = *steps[t];
+        const double step_size = lr / (1.0 - pow(beta1, step)), bc2_sqrt = sqrt(1.0 - pow(beta2, step));
+        const float c1 = (float)(1.0 - beta1), c2 = (float)(1.0 - beta2), b2 = (float)beta2;
+        const float bs = (float)bc2_sqrt, e = (float)eps, neg_step = (float)-step_size;
+        float *p = params[t], *m = exp_avgs[t], *v = exp_avg_sqs[t];
+        const float *g = grads[t];
+        const int64_t n = sizes[t], body = vec > 1 ? n - n % vec : n;
+#pragma omp simd
+        for (int64_t i = 0; i < body; i++) {
+            const float mi = fmaf(c1, g[i] - m[i], m[i]), vi = fmaf(c2 * g[i], g[i], v[i] * b2);
+            m[i] = mi;
+            v[i] = vi;
+            p[i] = p[i] + (neg_step * mi) / (sqrtf(vi) / bs + e);
+        }
+        for (int64_t i = body; i < n; i++) {
+            const float mi = fmaf(c1, g[i] - m[i], m[i]), vi = fmaf(v[i], b2, (c2 * g[i]) * g[i]);
+            m[i] = mi;
+            v[i] = vi;
+            p[i] = p[i] + (neg_step * mi) / (sqrtf(vi) / bs + e);
+        }
     }
 }
