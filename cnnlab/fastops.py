@@ -223,6 +223,11 @@ class BlockParts:
         self.fc = isinstance(layer, torch.nn.Linear)
         self.out_hw = tuple(out_hw)  # the layer's output size, from the layer table ((1, 1) for fc)
 
+    def train_mode(self) -> bool:
+        """Whether the block's output depends on the rest of the batch or on random draws."""
+        return (self.bn is not None and self.bn.training) or (self.drop is not None and self.drop.training
+                                                                and self.drop.p > 0)
+
     def native_ok(self, x: torch.Tensor) -> bool:
         """Whether `block` can run this block, in the current mode, for the net's input x (NCHW)."""
         c = self.conv
@@ -447,12 +452,17 @@ class TrainStep:
     train_step, with one difference: a .grad that is None gets the plan's buffer for that
     parameter, the same tensor every step (as if zero_grad(set_to_none=False) had kept it),
     not a new one, which saved a tenth of a step in allocations. The loss and logits are new
-    tensors each step."""
+    tensors each step.
 
-    def __init__(self, blocks: list[BlockParts], head: torch.nn.Linear, in_shape, batch: int, lib, sgemm: int):
+    With backward=False the plan only runs the forward pass (forward(); kernels.c's
+    cl_forward), for evaluation without autograd, and holds no gradient buffers."""
+
+    def __init__(self, blocks: list[BlockParts], head: torch.nn.Linear, in_shape, batch: int, lib, sgemm: int,
+                 backward: bool = True):
         self.blocks, self.head, self.batch, self.lib, self.sgemm = blocks, head, batch, lib, sgemm
-        self.key = TrainStep.key_of(blocks, batch)
+        self.backward = backward
         B = batch
+        bw = self._buf if backward else (lambda n, dtype=None: None)  # what only backward needs
         C, H, W = in_shape
         shape = (C, H, W)  # the previous output, per sample: (C, H, W), or (F,) after an fc block
         self._keep = []  # the workspace tensors, alive as long as the plan
@@ -472,7 +482,7 @@ class TrainStep:
                 d["H"] = d["W"] = d["k"] = d["s"] = d["Ho"] = d["Wo"] = 1
                 if d["flatten"]:
                     bufs["feats"] = self._buf(d["C"] * B)
-                    bufs["dcols"] = self._buf(d["C"] * B)
+                    bufs["dcols"] = bw(d["C"] * B)
                 shape = (O,)
             else:
                 c = parts.conv
@@ -486,19 +496,19 @@ class TrainStep:
                 if not d["direct"]:
                     bufs["cols"] = self._buf(shape[0] * k * k * B * Ho * Wo)
                 if cblocks:
-                    bufs["dcols"] = self._buf(shape[0] * k * k * B * Ho * Wo)
+                    bufs["dcols"] = bw(shape[0] * k * k * B * Ho * Wo)
                 shape = (O, Ho // pk, Wo // pk) if pk else (O, Ho, Wo)
             n_out = O * B * (shape[1] * shape[2] if len(shape) == 3 else 1)
             N = B * d["Ho"] * d["Wo"]
             tmp_n = max(tmp_n, 2 * d["Ho"] * d["Wo"])
-            bufs.update(z=self._buf(O * N), gz=self._buf(O * N), out=self._buf(n_out), gout=self._buf(n_out),
-                        arg=self._buf(n_out, torch.uint8), invstd=self._buf(O))
+            bufs.update(z=self._buf(O * N), gz=bw(O * N), out=self._buf(n_out), gout=bw(n_out),
+                        arg=bw(n_out, torch.uint8), invstd=self._buf(O))
             drop = parts.drop
             if drop is not None and drop.training and drop.p > 0:
                 d.update(mask_bits=drop.bits, threshold=drop.threshold)
                 bufs["mask_raw"] = self._buf(O * N * drop.bits // 8, torch.uint8)
                 bufs["mask"] = self._buf(O * N * drop.bits // 8, torch.uint8)
-            cb = _CBlock(**d, **{k: v.data_ptr() for k, v in bufs.items()})
+            cb = _CBlock(**d, **{k: _ptr(v) for k, v in bufs.items()})
             if d["mask_bits"]:
                 cb.scale = drop.scale
             bn = parts.bn
@@ -510,8 +520,8 @@ class TrainStep:
         self.F, self.K = head.in_features, head.out_features
         last = shape
         self.hfeats = self._buf(self.F * B) if len(last) == 3 else None
-        self.hgrad = self._buf(self.F * B) if len(last) == 3 else None
-        self.probs = self._buf(B * self.K)
+        self.hgrad = bw(self.F * B) if len(last) == 3 else None
+        self.probs = bw(B * self.K)
         self.cblocks = (_CBlock * len(cblocks))(*cblocks)
         self._grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its gradient buffer
 
@@ -521,23 +531,57 @@ class TrainStep:
         return t
 
     @staticmethod
-    def key_of(blocks: list[BlockParts], batch: int) -> tuple:
-        """What the plan bakes in besides shapes: the batch size, batch norm's mode and
-        constants, dropout's mode and threshold."""
-        key = [batch]
+    def key_of(blocks: list[BlockParts], batch: int, backward: bool = True) -> tuple:
+        """What the plan bakes in besides shapes: forward only or not, the batch size, batch
+        norm's mode and constants, dropout's mode and threshold."""
+        key = [backward, batch]
         for parts in blocks:
             bn, drop = parts.bn, parts.drop
             key.append((bn.training, bn.momentum, bn.eps) if bn is not None else None)
             key.append((drop.training, drop.p, drop.bits, drop.threshold, drop.scale) if drop is not None else None)
         return tuple(key)
 
+    def _pointers(self, grad_of) -> list:
+        """kernels.c's ptrs: P_COUNT per block, then the head's; grad_of(t): the address to
+        write t's gradient to, or None."""
+        ptrs = []
+        for parts in self.blocks:
+            c, bn = parts.conv, parts.bn
+            w, b = c.weight, c.bias
+            if bn is None:
+                ptrs += [w.data_ptr(), _ptr(b), None, None, None, None, None, grad_of(w), grad_of(b), None, None]
+            else:
+                gm, bt = bn.weight, bn.bias
+                ptrs += [w.data_ptr(), _ptr(b), gm.data_ptr(), bt.data_ptr(), bn.running_mean.data_ptr(),
+                         bn.running_var.data_ptr(), _ptr(bn.num_batches_tracked), grad_of(w), grad_of(b),
+                         grad_of(gm), grad_of(bt)]
+        head = self.head
+        return ptrs + [head.weight.data_ptr(), _ptr(head.bias), grad_of(head.weight), grad_of(head.bias)]
+
+    def _seeds(self):
+        return (ctypes.c_uint64 * max(self.n_drops, 1))(*[_draw_seed() for _ in range(self.n_drops)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits [B][K] of x [B][C][H][W] (float32), the forward pass alone: dropout and
+        batch statistics as the plan's modes were when it was built (key_of)."""
+        x = x.contiguous()
+        seeds = self._seeds()
+        ptrs = self._pointers(lambda t: None)
+        logits = torch.empty(self.batch, self.K)
+        rc = self.lib.cl_forward(len(self.blocks), self.cblocks, (ctypes.c_void_p * len(ptrs))(*ptrs), seeds,
+                                 x.data_ptr(), self.batch, self.K, self.F, self.xcm.data_ptr(), _ptr(self.hfeats),
+                                 self.tmp.data_ptr(), logits.data_ptr(), self.sgemm)
+        if rc:
+            raise MemoryError("out of memory in the native forward pass")
+        return logits
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         """(loss, logits) of one step on the batch x [B][C][H][W] (float32), y [B]; gradients
         accumulated into each parameter's .grad, BatchNorm's running statistics updated."""
         x = x.contiguous()
         y = y.to(torch.int64).contiguous()
-        seeds = (ctypes.c_uint64 * max(self.n_drops, 1))(*[_draw_seed() for _ in range(self.n_drops)])
-        ptrs, fresh, added = [], [], []
+        seeds = self._seeds()
+        fresh, added = [], []
 
         def grad_of(t):
             if t is None or not t.requires_grad:
@@ -552,18 +596,7 @@ class TrainStep:
                 added.append((t, g))
             return g.data_ptr()
 
-        for parts in self.blocks:
-            c, bn = parts.conv, parts.bn
-            w, b = c.weight, c.bias
-            if bn is None:
-                ptrs += [w.data_ptr(), _ptr(b), None, None, None, None, None, grad_of(w), grad_of(b), None, None]
-            else:
-                gm, bt = bn.weight, bn.bias
-                ptrs += [w.data_ptr(), _ptr(b), gm.data_ptr(), bt.data_ptr(), bn.running_mean.data_ptr(),
-                         bn.running_var.data_ptr(), _ptr(bn.num_batches_tracked), grad_of(w), grad_of(b),
-                         grad_of(gm), grad_of(bt)]
-        head = self.head
-        ptrs += [head.weight.data_ptr(), _ptr(head.bias), grad_of(head.weight), grad_of(head.bias)]
+        ptrs = self._pointers(grad_of)
         logits = torch.empty(self.batch, self.K)
         loss = torch.empty(())
         rc = self.lib.cl_train_step(len(self.blocks), self.cblocks, (ctypes.c_void_p * len(ptrs))(*ptrs), seeds,
@@ -604,12 +637,12 @@ class LeanAdam(torch.optim.Adam):
         g = groups[0]
         if (closure is not None or len(groups) != 1 or g["amsgrad"] or g["maximize"] or g["weight_decay"]
                 or g["capturable"] or g["differentiable"] or g.get("decoupled_weight_decay") or not g["fused"]
-                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
-            return super().step(closure)
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_step_hooks()):
+            return self._torch_step(closure)
         params = g["params"]
         states = [self.state.get(p) for p in params]
         if any(not s or p.grad is None for p, s in zip(params, states)):
-            return super().step()
+            return self._torch_step()
         steps = [s["step"] for s in states]
         beta1, beta2 = g["betas"]
         lib = native.library()
@@ -628,6 +661,33 @@ class LeanAdam(torch.optim.Adam):
                                beta1=beta1, beta2=beta2, weight_decay=0.0, eps=g["eps"], maximize=False,
                                grad_scale=None, found_inf=None)
         return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad without its profiler range (0.1 ms a step at the lab's sizes)."""
+        if not set_to_none:
+            return super().zero_grad(False)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    # Optimizer.__init__ wraps a subclass's step in a profiler range and the hook calls
+    # (torch.optim.Optimizer.profile_hook_step), unless it is marked as wrapped already. That
+    # wrapper cost ~0.15 ms a step, more than the arithmetic; the fast path above runs only
+    # when no hook is registered, and everything else goes through torch's step, wrapped.
+    step.hooked = True
+
+    def _torch_step(self, closure=None):
+        step = torch.optim.Adam.step
+        if not getattr(step, "hooked", False):  # no Adam made yet in this process: not wrapped
+            step = torch.optim.Optimizer.profile_hook_step(step)
+        return step(self, closure)
+
+
+def _global_step_hooks() -> bool:
+    from torch.optim import optimizer
+
+    return bool(getattr(optimizer, "_global_optimizer_pre_hooks", None)
+                or getattr(optimizer, "_global_optimizer_post_hooks", None))
 
 
 def _plain_cpu(t: torch.Tensor) -> bool:

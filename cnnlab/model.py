@@ -59,6 +59,7 @@ class FastDropout(nn.Module):
 
 # The fast paths Net(fast=True) takes; bench/ablate.py switches them off one by one.
 FAST_PATHS = {"pool", "conv1", "native", "cstep"}
+FORWARD_SLICE = 256  # samples per C forward call: bounds the plan's buffers (~17 MB for the lab's nets)
 
 
 class Net(nn.Sequential):
@@ -91,7 +92,7 @@ class Net(nn.Sequential):
         # registered twice. _native_end: index of the first layer after them (the output Linear).
         self._blocks: list[fastops.BlockParts] = []
         self._native_end = 0
-        self._step_plans: dict[tuple, fastops.TrainStep] = {}  # native_train_step's, per batch size and mode
+        self._step_plans: dict[tuple, fastops.TrainStep] = {}  # the C plans, per batch size and mode
         mods = [(j, m) for j, m in enumerate(self) if not isinstance(m, nn.Flatten)]
         relus: list[int] = []
         for row, (j, m) in zip(rows, mods):
@@ -114,6 +115,8 @@ class Net(nn.Sequential):
                 break
         if any(n != 1 for n in relus):  # the kernels apply exactly one ReLU per block
             self._blocks = []
+        # a C plan (fastops.TrainStep) covers the blocks and then the output Linear, nothing else
+        self._can_plan = bool(self._blocks) and self._native_end == len(self) - 1 and isinstance(self[-1], nn.Linear)
 
     def __getstate__(self):
         """Copies and pickles leave the step plans behind: they hold raw pointers into this
@@ -134,14 +137,23 @@ class Net(nn.Sequential):
         lib = native.library()
         if lib is None or not all(parts.native_ok(x) for parts in self._blocks):
             return None
-        sgemm = native.sgemm()
-        if sgemm is None or "cstep" not in FAST_PATHS:
+        plan = self._plan(x.shape[0], lib, backward=True)
+        if plan is None:
             return fastops.train_step(self._blocks, self[-1], x, y, lib)
-        key = fastops.TrainStep.key_of(self._blocks, x.shape[0])
+        return plan(x, y)
+
+    def _plan(self, batch: int, lib, backward: bool):
+        """The C plan (fastops.TrainStep) for this batch size and the modules' current modes,
+        built on first use; None without torch's BLAS sgemm_ or with the "cstep" path off."""
+        sgemm = native.sgemm()
+        if sgemm is None or "cstep" not in FAST_PATHS or not self._can_plan:
+            return None
+        key = fastops.TrainStep.key_of(self._blocks, batch, backward)
         plan = self._step_plans.get(key)
         if plan is None:
-            plan = self._step_plans[key] = fastops.TrainStep(self._blocks, self[-1], self.in_shape, x.shape[0], lib, sgemm)
-        return plan(x, y)
+            plan = self._step_plans[key] = fastops.TrainStep(self._blocks, self[-1], self.in_shape, batch, lib, sgemm,
+                                                             backward)
+        return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast or x.device.type != "cpu":
@@ -151,6 +163,19 @@ class Net(nn.Sequential):
         lib = native.library() if "native" in FAST_PATHS and x.dtype == torch.float32 else None
         if (lib is not None and self._blocks and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape
                 and all(parts.native_ok(x) for parts in self._blocks)):
+            if not torch.is_grad_enabled() and self._can_plan and x.shape[0] > 0:
+                # no autograd wanted: the whole forward in one C call, per slice of the batch
+                # when no block uses batch statistics or dropout (which see the whole batch)
+                step = x.shape[0] if any(p.train_mode() for p in self._blocks) else FORWARD_SLICE
+                chunks = []
+                for s in range(0, x.shape[0], step):
+                    xs = x[s : s + step]
+                    plan = self._plan(xs.shape[0], lib, backward=False)
+                    if plan is None:
+                        break
+                    chunks.append(plan.forward(xs))
+                else:
+                    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             # channel-major all the way: conv activations [C][B][H][W], fc ones [F][B]
             h = x.transpose(0, 1)  # a view, already contiguous for one input channel
             for parts in self._blocks:

@@ -359,7 +359,7 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
         pred = torch.empty(n, dtype=torch.int64, device=device)  # in batch order
         for step in range(steps):
             idx = perm[step * bs : (step + 1) * bs]
-            xb, yb = data.x_train[idx], data.y_train[idx]
+            xb, yb = torch.index_select(data.x_train, 0, idx), data.y_train[idx]  # 2x faster than x[idx]
             opt.zero_grad(set_to_none=True)
             native_step = model.native_train_step(xb, yb)  # the CPU fast path, no autograd
             if native_step is not None:

@@ -86,8 +86,8 @@ class _CountingLib:
 
         def counted(*args):
             self._calls.append(name)
-            if name == "cl_train_step":  # the whole step in one call: it runs args[0] blocks
-                self._calls.extend(["cl_block_forward (in cl_train_step)"] * args[0])
+            if name in ("cl_train_step", "cl_forward"):  # one call runs args[0] blocks
+                self._calls.extend([f"cl_block_forward (in {name})"] * args[0])
             return fn(*args)
 
         return counted
@@ -842,3 +842,35 @@ def test_a_wrong_sgemm_fails_the_check(lib):
     real = native.sgemm()
     if real is not None:
         assert lib.cl_sgemm_check(real) == 0
+
+
+@pytest.mark.parametrize("case", ["lab2-3c3f-bn-1x28x28-b50", "nopool-then-pool-16bit", "rgb-pool3", "fc-only"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_c_forward_without_autograd_equals_torch_modules(lib, sgemm, spy, monkeypatch, case, mode):
+    """Net.forward under no_grad runs the whole forward in C (cl_forward): in eval mode
+    (running statistics, no dropout) in slices of FORWARD_SLICE samples, and in training mode
+    (what evaluate(mode="train") does: dropout masks from torch's seed, batch statistics,
+    running statistics updated) as one batch, since batch statistics see the whole batch.
+    Either way it equals torch's modules."""
+    monkeypatch.setattr(model, "FORWARD_SLICE", 16)  # eval: 50 samples in slices of 16, 16, 16, 2
+    spec, in_shape, _ = CASES[case]
+    ref, net = pair(spec, in_shape)
+    x, _ = data(in_shape, 50)
+    for m in (ref, net):
+        m.train(mode == "train")
+    with torch.no_grad():
+        torch.manual_seed(11)
+        want = ref(x)
+        assert not block_kernels(spy)
+        torch.manual_seed(11)
+        got = net(x)
+    assert spy.count("cl_forward") == (4 if mode == "eval" else 1) and "cl_block_forward" not in spy
+    assert_close(got, want, f"{mode} output")
+    buffers = dict(ref.named_buffers())
+    for k, b in net.named_buffers():
+        if k.endswith("num_batches_tracked"):
+            assert b.item() == buffers[k].item() == (1 if mode == "train" else 0), k
+        else:
+            assert_close(b, buffers[k], k, rtol=1e-5, atol=1e-6)
+    if mode == "train":
+        assert not torch.allclose(net.eval()(x), got, atol=1e-3)  # it was training mode

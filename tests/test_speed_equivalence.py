@@ -329,6 +329,10 @@ def test_lean_adam_is_fused_adam_bit_for_bit_and_keeps_its_state_format(kernel, 
     for i, st in sa["state"].items():
         assert st.keys() == sb["state"][i].keys() and all(same(st[k], sb["state"][i][k]) for k in st)
         assert st["step"].item() == 30
+    lean.zero_grad()
+    assert all(p.grad is None for p in b.parameters())
+    lean.zero_grad(set_to_none=False)  # torch's: nothing to zero
+    assert all(p.grad is None for p in b.parameters())
     # a state loaded from a checkpoint goes on the same way
     c = copy.deepcopy(b)
     again = fastops.LeanAdam(c.parameters(), lr=1e-3)
@@ -338,3 +342,29 @@ def test_lean_adam_is_fused_adam_bit_for_bit_and_keeps_its_state_format(kernel, 
         q.grad = p.grad.clone()
     lean.step(), again.step()
     assert all(torch.equal(p, q) for p, q in zip(b.parameters(), c.parameters()))
+
+
+def test_lean_adam_still_runs_step_hooks():
+    """LeanAdam's fast step skips torch's per-step wrapper; with any hook registered (its
+    own or a global one) it takes torch's step, which calls them."""
+    import torch.optim.optimizer as optimizer
+
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(20)), None
+    q = torch.nn.Parameter(p.detach().clone())
+    lean, ref = fastops.LeanAdam([p], lr=1e-3), torch.optim.Adam([q], lr=1e-3, fused=True)
+    calls = []
+    mine = lean.register_step_pre_hook(lambda *a: calls.append("pre"))
+    glob = optimizer.register_optimizer_step_post_hook(lambda opt, *a: calls.append(type(opt).__name__))
+    try:
+        for _ in range(3):
+            p.grad = torch.randn(20)
+            q.grad = p.grad.clone()
+            lean.step(), ref.step()
+    finally:
+        mine.remove(), glob.remove()
+    assert calls.count("pre") == 3 and calls.count("LeanAdam") == 3 and calls.count("Adam") == 3
+    p.grad = torch.randn(20)
+    q.grad = p.grad.clone()
+    lean.step(), ref.step()  # no hooks left: the fast path, the same numbers
+    assert len(calls) == 9 and torch.equal(p, q)

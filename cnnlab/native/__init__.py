@@ -35,6 +35,7 @@ SIGNATURES = {  # name: argument types (restype None), or (argument types, resty
     "cl_block_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _I, _F, _I, _P, _P, _P, _P, _P],
     "cl_sgemm_check": ([_P], _I),
     "cl_train_step": ([_I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P], _I),
+    "cl_forward": ([_I, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P], _I),
     "cl_adam": [_I, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I],
 }
 

@@ -724,32 +724,12 @@ static void mask_to_cm(const uint8_t *raw, uint8_t *cm, int B, int O, long unit)
             memcpy(cm + ((long)o * B + b) * unit, raw + ((long)b * O + o) * unit, unit);
 }
 
-/* One training step: forward, mean cross-entropy, backward; gradients written (not
- * accumulated) where their pointer is not NULL. x: [B][C][H][W] float32 (NCHW); y: [B]
- * labels; seeds: one per block with dropout, in block order (each seeds cl_random_bytes,
- * as cnnlab.fastops.random_bytes does); ptrs: P_COUNT per block, then the head's weight
- * [K][F], bias [K] (or NULL), and their gradients. xcm: [C][B][H][W] scratch; hfeats,
- * hgrad: [F][B] scratch when the last block is a conv block; probs: [B][K] scratch; tmp:
- * scratch of 2*Ho*Wo floats for the largest block. logits [B][K] and loss are written.
- * Returns 0, 1 + b for the first label y[b] outside [0, K), or -1 when memory ran out. */
-int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, const int64_t *y,
-                  int B, int K, int F, float *xcm, float *hfeats, float *hgrad, float *probs, float *tmp,
-                  float *logits, float *loss, cl_sgemm_fn sgemm)
+/* The image x [B][C][H][W] to the last block's output (returned, in that block's `out`):
+ * every block forward. Shared by the training step and the forward pass. xpad: the direct
+ * first conv's scratch, when it has one. */
+static const float *forward_blocks(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, int B,
+                                   float *xcm, float *tmp, float *xpad, cl_sgemm_fn sgemm)
 {
-    for (int b = 0; b < B; b++)
-        if (y[b] < 0 || y[b] >= K)
-            return 1 + b;
-    float *xpad = NULL;
-    double *dw_total = NULL;
-    if (blk[0].direct) {
-        const cl_block *L = &blk[0];
-        xpad = malloc(sizeof(float) * (L->H + 2 * L->p) * padded_cols(L->Wo, L->k));
-        dw_total = malloc(sizeof(double) * L->O * L->k * L->k);
-        if (!xpad || !dw_total) {
-            free(xpad), free(dw_total);
-            return -1;
-        }
-    }
     /* the image, channel-major */
     const cl_block *b0 = &blk[0];
     const int Cin = b0->fc ? b0->flatten : b0->C, HWin = b0->fc ? b0->flat_hw : b0->H * b0->W;
@@ -787,25 +767,92 @@ int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, con
             *(int64_t *)P[P_NUM_BATCHES] += 1;
         h = L->out;
     }
-    /* the output layer and the loss: logits = feats^T W^T + bias; loss = mean(lse - logit[y]);
-     * its gradient (softmax - onehot) / B, as torch's cross_entropy backward */
-    const cl_block *last = &blk[nb - 1];
-    void **H = ptrs + (long)nb * P_COUNT;
+    return h;
+}
+
+/* The output layer: logits [B][K] = feats^T W^T + bias from the last block's output h.
+ * Returns the features [F][B] it used (h itself, or h flattened into hfeats). */
+static const float *head_logits(const cl_block *last, void **H, const float *h, int B, int K, int F, float *hfeats,
+                                float *logits, cl_sgemm_fn sgemm)
+{
     const float *feats = h;
-    const int last_hw = last->fc ? 1 : (last->pool ? (last->Ho / last->pool) * (last->Wo / last->pool)
-                                                   : last->Ho * last->Wo);
     if (!last->fc) {
-        flatten_cm(h, hfeats, last->O, B, last_hw);
+        const int hw = last->pool ? (last->Ho / last->pool) * (last->Wo / last->pool) : last->Ho * last->Wo;
+        flatten_cm(h, hfeats, last->O, B, hw);
         feats = hfeats;
     }
+    const float *hb = H[1];
+    gemm(sgemm, 1, 1, B, K, F, feats, H[0], 0, logits);
+    if (hb)
+        for (int b = 0; b < B; b++)
+            for (int k = 0; k < K; k++)
+                logits[(long)b * K + k] += hb[k];
+    return feats;
+}
+
+static int direct_scratch(const cl_block *L, float **xpad, double **dw_total)
+{
+    *xpad = NULL;
+    *dw_total = NULL;
+    if (!L->direct)
+        return 0;
+    *xpad = malloc(sizeof(float) * (L->H + 2 * L->p) * padded_cols(L->Wo, L->k));
+    *dw_total = malloc(sizeof(double) * L->O * L->k * L->k);
+    if (*xpad && *dw_total)
+        return 0;
+    free(*xpad), free(*dw_total);
+    return -1;
+}
+
+/* The forward pass alone (evaluation): logits [B][K] of the batch x, in the plan's mode (a
+ * plan for a net in training mode draws dropout masks and updates batch norm's running
+ * statistics, as torch's modules do). The blocks' arg may be NULL. Returns 0, or -1 when
+ * memory ran out. */
+int cl_forward(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, int B, int K, int F,
+               float *xcm, float *hfeats, float *tmp, float *logits, cl_sgemm_fn sgemm)
+{
+    float *xpad;
+    double *dw_total;
+    if (direct_scratch(&blk[0], &xpad, &dw_total))
+        return -1;
+    const float *h = forward_blocks(nb, blk, ptrs, seeds, x, B, xcm, tmp, xpad, sgemm);
+    head_logits(&blk[nb - 1], ptrs + (long)nb * P_COUNT, h, B, K, F, hfeats, logits, sgemm);
+    free(xpad), free(dw_total);
+    return 0;
+}
+
+/* One training step: forward, mean cross-entropy, backward; gradients written (not
+ * accumulated) where their pointer is not NULL. x: [B][C][H][W] float32 (NCHW); y: [B]
+ * labels; seeds: one per block with dropout, in block order (each seeds cl_random_bytes,
+ * as cnnlab.fastops.random_bytes does); ptrs: P_COUNT per block, then the head's weight
+ * [K][F], bias [K] (or NULL), and their gradients. xcm: [C][B][H][W] scratch; hfeats,
+ * hgrad: [F][B] scratch when the last block is a conv block; probs: [B][K] scratch; tmp:
+ * scratch of 2*Ho*Wo floats for the largest block. logits [B][K] and loss are written.
+ * Returns 0, 1 + b for the first label y[b] outside [0, K), or -1 when memory ran out. */
+int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, const int64_t *y,
+                  int B, int K, int F, float *xcm, float *hfeats, float *hgrad, float *probs, float *tmp,
+                  float *logits, float *loss, cl_sgemm_fn sgemm)
+{
+    for (int b = 0; b < B; b++)
+        if (y[b] < 0 || y[b] >= K)
+            return 1 + b;
+    float *xpad;
+    double *dw_total;
+    if (direct_scratch(&blk[0], &xpad, &dw_total))
+        return -1;
+    const float *h = forward_blocks(nb, blk, ptrs, seeds, x, B, xcm, tmp, xpad, sgemm);
+    /* the output layer and the loss: loss = mean(lse - logit[y]); its gradient
+     * (softmax - onehot) / B, as torch's cross_entropy backward */
+    const cl_block *last = &blk[nb - 1];
+    void **H = ptrs + (long)nb * P_COUNT;
+    const float *feats = head_logits(last, H, h, B, K, F, hfeats, logits, sgemm);
     const float *hw = H[0], *hb = H[1];
-    gemm(sgemm, 1, 1, B, K, F, feats, hw, 0, logits);
+    const int last_hw = last->fc ? 1 : (last->pool ? (last->Ho / last->pool) * (last->Wo / last->pool)
+                                                   : last->Ho * last->Wo);
     double total = 0.0;
     for (int b = 0; b < B; b++) {
-        float *l = logits + (long)b * K, *pr = probs + (long)b * K;
-        if (hb)
-            for (int k = 0; k < K; k++)
-                l[k] += hb[k];
+        const float *l = logits + (long)b * K;
+        float *pr = probs + (long)b * K;
         float mx = l[0];
         for (int k = 1; k < K; k++)
             mx = l[k] > mx || isnan(l[k]) ? l[k] : mx;
