@@ -47,8 +47,9 @@ def configs(spec):
     out = {"plain (nn.Dropout, Adam for-loop)": (plain_model(spec, (1, 28, 28), 10), dict(), set())}
     for name, paths in [("FastDropout + fused Adam", set()), ("+ fast max-pool, ReLU after it", {"pool"}),
                         ("+ first conv as GEMM", {"pool", "conv1"}),
-                        ("+ native blocks, lean Adam", {"pool", "conv1", "native"}),
-                        ("+ no autograd (engine)", {"pool", "conv1", "native", "step"})]:
+                        ("+ native blocks, lean Adam (in C)", {"pool", "conv1", "native"}),
+                        ("+ no autograd (steps from Python)", {"pool", "conv1", "native", "step"}),
+                        ("+ the step in one C call (engine)", {"pool", "conv1", "native", "step", "cstep"})]:
         torch.manual_seed(0)
         out[name] = (M.build_model(spec, (1, 28, 28), 10), dict(fused=True), paths)
     from cnnlab.fastops import LeanAdam
