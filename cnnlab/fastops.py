@@ -443,6 +443,10 @@ class _CBlock(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in _BUFS])
 
 
+class PlanMismatch(Exception):
+    """A tensor is not what a TrainStep plan was built for (the caller takes torch's path)."""
+
+
 class TrainStep:
     """train_step in one C call (kernels.c's cl_train_step), for one batch size: the same
     kernels, mask draws and math, with the matrix products in torch's own BLAS sgemm_
@@ -523,6 +527,7 @@ class TrainStep:
         self.hgrad = bw(self.F * B) if len(last) == 3 else None
         self.probs = bw(B * self.K)
         self.cblocks = (_CBlock * len(cblocks))(*cblocks)
+        self._sizes = [(cb.O, cb.O * cb.C * cb.k * cb.k) for cb in cblocks]  # per block: O, the weight's size
         self._grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its gradient buffer
 
     def _buf(self, n: int, dtype=torch.float32) -> torch.Tensor:
@@ -543,20 +548,33 @@ class TrainStep:
 
     def _pointers(self, grad_of) -> list:
         """kernels.c's ptrs: P_COUNT per block, then the head's; grad_of(t): the address to
-        write t's gradient to, or None."""
+        write t's gradient to, or None. Raises PlanMismatch when a tensor is not what the
+        plan was built for (float32, contiguous, on the CPU, of its size): after
+        model.double(), say, the C code must not read it."""
+
+        def f32(t, n):
+            if not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.numel() == n):
+                raise PlanMismatch(t)
+            return t.data_ptr()
+
         ptrs = []
-        for parts in self.blocks:
+        for parts, (O, wn) in zip(self.blocks, self._sizes):
             c, bn = parts.conv, parts.bn
             w, b = c.weight, c.bias
+            row = [f32(w, wn), None if b is None else f32(b, O)]
             if bn is None:
-                ptrs += [w.data_ptr(), _ptr(b), None, None, None, None, None, grad_of(w), grad_of(b), None, None]
+                row += [None] * 5
             else:
-                gm, bt = bn.weight, bn.bias
-                ptrs += [w.data_ptr(), _ptr(b), gm.data_ptr(), bt.data_ptr(), bn.running_mean.data_ptr(),
-                         bn.running_var.data_ptr(), _ptr(bn.num_batches_tracked), grad_of(w), grad_of(b),
-                         grad_of(gm), grad_of(bt)]
+                nbt = bn.num_batches_tracked
+                if nbt is not None and not (nbt.dtype is torch.int64 and nbt.numel() == 1):
+                    raise PlanMismatch(nbt)
+                row += [f32(bn.weight, O), f32(bn.bias, O), f32(bn.running_mean, O), f32(bn.running_var, O),
+                        _ptr(nbt)]
+            ptrs += row + [grad_of(w), grad_of(b)]
+            ptrs += [grad_of(bn.weight), grad_of(bn.bias)] if bn is not None else [None, None]
         head = self.head
-        return ptrs + [head.weight.data_ptr(), _ptr(head.bias), grad_of(head.weight), grad_of(head.bias)]
+        return ptrs + [f32(head.weight, self.K * self.F), None if head.bias is None else f32(head.bias, self.K),
+                       grad_of(head.weight), grad_of(head.bias)]
 
     def _seeds(self):
         return (ctypes.c_uint64 * max(self.n_drops, 1))(*[_draw_seed() for _ in range(self.n_drops)])

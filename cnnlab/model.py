@@ -140,7 +140,10 @@ class Net(nn.Sequential):
         plan = self._plan(x.shape[0], lib, backward=True)
         if plan is None:
             return fastops.train_step(self._blocks, self[-1], x, y, lib)
-        return plan(x, y)
+        try:
+            return plan(x, y)
+        except fastops.PlanMismatch:  # e.g. float64 parameters: torch's modules, and its errors
+            return None
 
     def _plan(self, batch: int, lib, backward: bool):
         """The C plan (fastops.TrainStep) for this batch size and the modules' current modes,
@@ -173,7 +176,10 @@ class Net(nn.Sequential):
                     plan = self._plan(xs.shape[0], lib, backward=False)
                     if plan is None:
                         break
-                    chunks.append(plan.forward(xs))
+                    try:
+                        chunks.append(plan.forward(xs))
+                    except fastops.PlanMismatch:
+                        break
                 else:
                     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             # channel-major all the way: conv activations [C][B][H][W], fc ones [F][B]

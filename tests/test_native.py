@@ -842,6 +842,7 @@ def test_a_wrong_sgemm_fails_the_check(lib):
     real = native.sgemm()
     if real is not None:
         assert lib.cl_sgemm_check(real) == 0
+        assert "step in C with torch's BLAS" in native.describe()  # what result.json records
 
 
 @pytest.mark.parametrize("case", ["lab2-3c3f-bn-1x28x28-b50", "nopool-then-pool-16bit", "rgb-pool3", "fc-only"])
@@ -874,3 +875,24 @@ def test_c_forward_without_autograd_equals_torch_modules(lib, sgemm, spy, monkey
             assert_close(b, buffers[k], k, rtol=1e-5, atol=1e-6)
     if mode == "train":
         assert not torch.allclose(net.eval()(x), got, atol=1e-3)  # it was training mode
+
+
+def test_c_step_refuses_tensors_it_was_not_planned_for(lib, sgemm, spy):
+    """The C code reads raw memory: after model.double() (float x, float64 parameters) the
+    plan must not run; the step falls back (None) and nothing was written."""
+    spec, in_shape, batch = CASES["lab2-3c3f-bn-1x28x28-b50"]
+    _, net = pair(spec, in_shape)
+    x, y = data(in_shape, batch)
+    assert net.native_train_step(x, y) is not None  # the plan exists
+    net.double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    spy.clear()
+    assert net.native_train_step(x, y) is None
+    assert "cl_train_step" not in spy
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        net.eval()
+        spy.clear()
+        with pytest.raises(RuntimeError):  # torch's own dtype error, not a C call on float64 memory
+            net(x)
+        assert "cl_forward" not in spy

@@ -130,7 +130,7 @@ def sgemm() -> int | None:
     global _sgemm, _sgemm_status
     if _sgemm_status is not None:
         return _sgemm
-    _sgemm_status = "torch.mm (no BLAS sgemm_ found in torch's library)"
+    _sgemm_status = "no BLAS sgemm_ found in torch's library"
     lib = library()
     if lib is None:
         return None
@@ -148,13 +148,17 @@ def sgemm() -> int | None:
                 continue
             addr = ctypes.cast(fn, ctypes.c_void_p).value
             if lib.cl_sgemm_check(addr) == 0:
-                _sgemm, _sgemm_status = addr, f"torch's {name}"
+                _sgemm, _sgemm_status = addr, f"torch's BLAS {name}"
                 return _sgemm
-            _sgemm_status = f"torch.mm ({name} in {path.name} failed its check)"
+            _sgemm_status = f"{name} in {path.name} failed its check"
     return None
 
 
 def describe() -> str:
-    """Which kernels CPU training uses: 'native (...)' or 'torch (why not native)'."""
-    library()
-    return _status or "torch"
+    """Which kernels CPU training uses: 'native (compiler and flags; how the step runs)' or
+    'torch (why not native)'. The step runs as one C call with torch's BLAS sgemm_, or, without
+    one, as separate calls from Python; the two round differently."""
+    if library() is None:
+        return _status or "torch"
+    how = "step in C with " + (_sgemm_status or "") if sgemm() is not None else "step from Python: " + (_sgemm_status or "")
+    return f"{_status[:-1]}; {how})"
