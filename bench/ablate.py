@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="steps per configuration per round (default: 20)")
     p.add_argument("--wall", action="store_true", help="wall time instead of CPU time (use with --threads > 1)")
     p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc malloc's defaults")
-    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of the engine's step")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of the engine's step (torch ops only, not inside its C call)")
     args = p.parse_args(argv)
 
     import torch
