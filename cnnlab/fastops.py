@@ -471,7 +471,6 @@ class TrainStep:
         shape = (C, H, W)  # the previous output, per sample: (C, H, W), or (F,) after an fc block
         self._keep = []  # the workspace tensors, alive as long as the plan
         self.xcm = self._buf(C * H * W * B)
-        self.tmp = self._buf(1)
         cblocks = []
         tmp_n = 1
         for parts in blocks:
@@ -553,7 +552,7 @@ class TrainStep:
         model.double(), say, the C code must not read it."""
 
         def f32(t, n):
-            if not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.numel() == n):
+            if not (_plain_cpu(t) and t.numel() == n):
                 raise PlanMismatch(t)
             return t.data_ptr()
 

@@ -130,9 +130,8 @@ class Net(nn.Sequential):
         (fastops.train_step): (loss, logits), gradients accumulated into .grad. None where
         that path does not apply (then use forward + loss.backward())."""
         if not (self.fast and self.training and torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and "native" in FAST_PATHS and self._blocks
-                and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape
-                and self._native_end == len(self) - 1 and isinstance(self[-1], nn.Linear)):
+                and x.dtype == torch.float32 and "native" in FAST_PATHS and self._can_plan
+                and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape):
             return None
         lib = native.library()
         if lib is None or not all(parts.native_ok(x) for parts in self._blocks):
@@ -149,7 +148,7 @@ class Net(nn.Sequential):
         """The C plan (fastops.TrainStep) for this batch size and the modules' current modes,
         built on first use; None without torch's BLAS sgemm_ or with the "cstep" path off."""
         sgemm = native.sgemm()
-        if sgemm is None or "cstep" not in FAST_PATHS or not self._can_plan:
+        if sgemm is None or "cstep" not in FAST_PATHS:
             return None
         key = fastops.TrainStep.key_of(self._blocks, batch, backward)
         plan = self._step_plans.get(key)

@@ -806,6 +806,14 @@ static const float *forward_blocks(int nb, cl_block *blk, void **ptrs, const uin
     return h;
 }
 
+/* values per channel and image in a block's output: its pooled map, or 1 for an fc block */
+static int out_hw(const cl_block *L)
+{
+    if (L->fc)
+        return 1;
+    return L->pool ? (L->Ho / L->pool) * (L->Wo / L->pool) : L->Ho * L->Wo;
+}
+
 /* The output layer: logits [B][K] = feats^T W^T + bias from the last block's output h.
  * Returns the features [F][B] it used (h itself, or h flattened into hfeats). */
 static const float *head_logits(const cl_block *last, void **H, const float *h, int B, int K, int F, float *hfeats,
@@ -813,8 +821,7 @@ static const float *head_logits(const cl_block *last, void **H, const float *h, 
 {
     const float *feats = h;
     if (!last->fc) {
-        const int hw = last->pool ? (last->Ho / last->pool) * (last->Wo / last->pool) : last->Ho * last->Wo;
-        flatten_cm(h, hfeats, last->O, B, hw);
+        flatten_cm(h, hfeats, last->O, B, out_hw(last));
         feats = hfeats;
     }
     const float *hb = H[1];
@@ -883,8 +890,6 @@ int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, con
     void **H = ptrs + (long)nb * P_COUNT;
     const float *feats = head_logits(last, H, h, B, K, F, hfeats, logits, sgemm);
     const float *hw = H[0], *hb = H[1];
-    const int last_hw = last->fc ? 1 : (last->pool ? (last->Ho / last->pool) * (last->Wo / last->pool)
-                                                   : last->Ho * last->Wo);
     double total = 0.0;
     for (int b = 0; b < B; b++) {
         const float *l = logits + (long)b * K;
@@ -919,7 +924,7 @@ int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, con
         gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, last->gout);
     } else {
         gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, hgrad);
-        unflatten_cm(hgrad, last->gout, last->O, B, last_hw);
+        unflatten_cm(hgrad, last->gout, last->O, B, out_hw(last));
     }
     for (int i = nb - 1; i >= 0; i--) {
         cl_block *L = &blk[i];
