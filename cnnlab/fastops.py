@@ -443,6 +443,13 @@ class _CBlock(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in _BUFS])
 
 
+class _AdamArgs(ctypes.Structure):
+    """kernels.c's cl_adam_args."""
+    _fields_ = ([("nt", ctypes.c_int)] + [(n, ctypes.c_void_p) for n in
+                                          ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "sizes")]
+                + [(n, ctypes.c_double) for n in ("lr", "beta1", "beta2", "eps")] + [("vec", ctypes.c_int)])
+
+
 class PlanMismatch(Exception):
     """A tensor is not what a TrainStep plan was built for (the caller takes torch's path)."""
 
@@ -631,6 +638,72 @@ class TrainStep:
         return loss, logits
 
 
+    def run(self, opt: "LeanAdam", x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor,
+            losses: torch.Tensor, preds: torch.Tensor) -> bool:
+        """len(idx) // batch training steps, each followed by opt's step, in one C call
+        (kernels.c's cl_train_steps): what the training loop does per batch, without Python
+        between the steps. Step s trains on x_all[idx[s*B:(s+1)*B]] and writes losses[s] (the
+        mean loss) and preds[s*B:(s+1)*B] (the predicted classes). The same numbers as this
+        plan's __call__, then opt.step(), then torch.argmax, step by step: the same dropout
+        seeds, drawn from torch's generator in the same order, and the same kernels.
+
+        Returns False, having done nothing, where that does not apply: opt's step is not its
+        plain C step (a hook, options, no state yet), a parameter is frozen or not what the
+        plan was built for, or a tensor is not a contiguous CPU one of the right dtype."""
+        B = self.batch
+        count = idx.numel() // B
+        if not (count and idx.numel() == count * B and _plain(idx, torch.int64) and _plain(y_all, torch.int64)
+                and _plain(x_all, torch.float32) and _plain(losses, torch.float32) and losses.numel() >= count
+                and _plain(preds, torch.int64) and preds.numel() >= count * B and x_all.dim() == 4):
+            return False
+        params = [p for group in opt.param_groups for p in group["params"]]
+        mine = self._parameters()
+        if len(params) != len(mine) or {id(p) for p in params} != {id(p) for p in mine} \
+                or not all(p.requires_grad for p in params):
+            return False  # opt must step exactly the net's parameters, none frozen
+        grads = []
+        for p in params:
+            g = self._grads.get(p)
+            if g is None or g.shape != p.shape:
+                g = self._grads[p] = torch.empty(p.shape)
+            grads.append(g)
+        try:
+            ptrs = self._pointers(lambda t: None if t is None else self._grads[t].data_ptr())
+        except PlanMismatch:
+            return False
+        args = opt.c_args(grads)
+        if args is None:
+            return False
+        seeds = torch.empty(count * self.n_drops, dtype=torch.int64).random_(-(2**63), None)  # as _draw_seed
+        xb, yb = torch.empty((B,) + tuple(x_all.shape[1:])), torch.empty(B, dtype=torch.int64)
+        logits = torch.empty(B, self.K)
+        rc = self.lib.cl_train_steps(len(self.blocks), self.cblocks, (ctypes.c_void_p * len(ptrs))(*ptrs),
+                                     seeds.data_ptr(), self.n_drops, count, x_all.data_ptr(), y_all.data_ptr(),
+                                     len(x_all), x_all[0].numel(), idx.data_ptr(), B, self.K, self.F,
+                                     xb.data_ptr(), yb.data_ptr(), self.xcm.data_ptr(), _ptr(self.hfeats),
+                                     _ptr(self.hgrad), self.probs.data_ptr(), self.tmp.data_ptr(), logits.data_ptr(),
+                                     losses.data_ptr(), preds.data_ptr(), ctypes.byref(args), self.sgemm)
+        for p, g in zip(params, grads):
+            p.grad = g
+        if rc == -1:
+            raise MemoryError("out of memory in the native training step")
+        if rc == -2:
+            raise IndexError(f"a batch index is outside the {len(x_all)} samples")
+        if rc:
+            raise IndexError(f"Target {int(y_all[idx[rc - 1]])} is out of bounds.")  # torch's cross_entropy message
+        return True
+
+    def _parameters(self) -> list[torch.Tensor]:
+        """Every parameter the plan reads: each block's, then the head's."""
+        out = []
+        for parts in self.blocks:
+            c, bn = parts.conv, parts.bn
+            out += [t for t in (c.weight, c.bias) if t is not None]
+            if bn is not None:
+                out += [t for t in (bn.weight, bn.bias) if t is not None]
+        return out + [t for t in (self.head.weight, self.head.bias) if t is not None]
+
+
 # ---------------------------------------------------------------------------- optimizer
 
 
@@ -649,28 +722,57 @@ class LeanAdam(torch.optim.Adam):
     def __init__(self, params, lr: float = 1e-3):
         super().__init__(params, lr=lr, fused=True)
 
-    def step(self, closure=None):
+    def _plain_group(self) -> dict | None:
+        """The one parameter group, when the fast step applies to it and no hook is registered."""
         groups = self.param_groups
         g = groups[0]
-        if (closure is not None or len(groups) != 1 or g["amsgrad"] or g["maximize"] or g["weight_decay"]
-                or g["capturable"] or g["differentiable"] or g.get("decoupled_weight_decay") or not g["fused"]
+        if (len(groups) != 1 or g["amsgrad"] or g["maximize"] or g["weight_decay"] or g["capturable"]
+                or g["differentiable"] or g.get("decoupled_weight_decay") or not g["fused"]
                 or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_step_hooks()):
+            return None
+        return g
+
+    def c_args(self, grads: list | None = None) -> "_AdamArgs | None":
+        """kernels.c's cl_adam_args for a step with these gradients (default: each .grad): None
+        unless the fast step applies, every state exists, and every tensor is a plain CPU
+        float32 one with the native kernels built."""
+        g = self._plain_group()
+        lib = native.library()
+        if g is None or lib is None:
+            return None
+        params = g["params"]
+        grads = [p.grad for p in params] if grads is None else grads
+        states = [self.state.get(p) for p in params]
+        if any(not s or gr is None for s, gr in zip(states, grads)):
+            return None
+        if not all(_plain_cpu(p) and _plain_cpu(gr) for p, gr in zip(params, grads)):  # 0.3 us each
+            return None
+        n = len(params)
+        arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) for ts in
+                  (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                   [s["step"] for s in states])]
+        beta1, beta2 = g["betas"]
+        arrays.append((ctypes.c_int64 * n)(*[p.numel() for p in params]))
+        args = _AdamArgs(n, *[ctypes.addressof(a) for a in arrays], float(g["lr"]), float(beta1), float(beta2),
+                         float(g["eps"]), _adam_vector_width())
+        args.keep = arrays  # the arrays live as long as the struct that points into them
+        return args
+
+    def step(self, closure=None):
+        g = self._plain_group() if closure is None else None
+        if g is None:
             return self._torch_step(closure)
         params = g["params"]
         states = [self.state.get(p) for p in params]
         if any(not s or p.grad is None for p, s in zip(params, states)):
             return self._torch_step()
+        args = self.c_args()
+        if args is not None:
+            native.library().cl_adam(args.nt, args.params, args.grads, args.exp_avgs, args.exp_avg_sqs, args.steps,
+                                     args.sizes, args.lr, args.beta1, args.beta2, args.eps, args.vec)
+            return None
         steps = [s["step"] for s in states]
         beta1, beta2 = g["betas"]
-        lib = native.library()
-        if lib is not None and all(_plain_cpu(p) and _plain_cpu(p.grad) for p in params):  # 0.3 us each
-            n = len(params)
-            arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) for ts in
-                      (params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                       [s["exp_avg_sq"] for s in states], steps)]
-            lib.cl_adam(n, *arrays, (ctypes.c_int64 * n)(*[p.numel() for p in params]), float(g["lr"]),
-                        float(beta1), float(beta2), float(g["eps"]), _adam_vector_width())
-            return None
         with torch.no_grad():
             torch._foreach_add_(steps, 1)
             torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
@@ -709,6 +811,10 @@ def _global_step_hooks() -> bool:
 
 def _plain_cpu(t: torch.Tensor) -> bool:
     return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.is_cpu and t.dtype is dtype and t.is_contiguous()
 
 
 _ADAM_VEC: int | None = None

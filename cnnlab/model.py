@@ -144,6 +144,24 @@ class Net(nn.Sequential):
         except fastops.PlanMismatch:  # e.g. float64 parameters: torch's modules, and its errors
             return None
 
+    def native_train_steps(self, opt, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch: int,
+                           losses: torch.Tensor, preds: torch.Tensor) -> bool:
+        """len(idx) // batch training steps of batch size `batch`, each followed by opt.step(),
+        in one C call (fastops.TrainStep.run): step s trains on x[idx[s*batch:(s+1)*batch]]
+        and writes losses[s] and that batch's predicted classes into preds. The same numbers
+        as native_train_step, opt.step() and argmax step by step. False, having done
+        nothing, where that path does not apply (then take the steps one by one)."""
+        if not (self.fast and self.training and torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == torch.float32 and "native" in FAST_PATHS and self._can_plan
+                and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape and isinstance(opt, fastops.LeanAdam)
+                and batch > 0 and idx.numel() % batch == 0):
+            return False
+        lib = native.library()
+        if lib is None or not all(parts.native_ok(x) for parts in self._blocks):
+            return False
+        plan = self._plan(batch, lib, backward=True)
+        return plan is not None and plan.run(opt, x, y, idx, losses, preds)
+
     def _plan(self, batch: int, lib, backward: bool):
         """The C plan (fastops.TrainStep) for this batch size and the modules' current modes,
         built on first use; None without torch's BLAS sgemm_ or with the "cstep" path off."""

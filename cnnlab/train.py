@@ -41,6 +41,7 @@ from cnnlab.spec import layer_table
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
 EVAL_CHUNK = 1000  # samples per forward pass in eval mode
 EXAMPLE_INDEX = 4  # the lab plots test image 4
+PROGRESS_STEPS = 20  # steps between progress reports (and the longest run of steps in one C call)
 
 
 # ---------------------------------------------------------------------------- device & versions
@@ -357,23 +358,34 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
         # once, after the epoch (no sync inside it)
         step_loss = torch.empty(steps, device=device)
         pred = torch.empty(n, dtype=torch.int64, device=device)  # in batch order
-        for step in range(steps):
-            idx = perm[step * bs : (step + 1) * bs]
-            xb, yb = torch.index_select(data.x_train, 0, idx), data.y_train[idx]  # 2x faster than x[idx]
-            opt.zero_grad(set_to_none=True)
-            native_step = model.native_train_step(xb, yb)  # the CPU fast path, no autograd
-            if native_step is not None:
-                loss, logits = native_step
-            else:
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                loss.backward()
-            opt.step()
-            step_loss[step] = loss.detach()
-            torch.argmax(logits.detach(), 1, out=pred[step * bs : (step + 1) * bs])
-            if progress and step % 20 == 19:
-                progress(epoch, step + 1, steps)
-            _maybe_die(fault, "kill", epoch, step)
+        step = 0
+        while step < steps:
+            # on the CPU, runs of full batches go to C in one call each (model.native_train_steps,
+            # the same numbers as the steps below); a run ends where progress is reported
+            run = min(PROGRESS_STEPS - step % PROGRESS_STEPS, n // bs - step)
+            if fault is not None and fault[:2] == ("kill", epoch) and step <= fault[2] < step + run:
+                run = fault[2] - step + 1
+            if run > 0 and model.native_train_steps(opt, data.x_train, data.y_train, perm[step * bs : (step + run) * bs],
+                                                    bs, step_loss[step : step + run], pred[step * bs : (step + run) * bs]):
+                step += run
+            else:  # one step
+                idx = perm[step * bs : (step + 1) * bs]
+                xb, yb = torch.index_select(data.x_train, 0, idx), data.y_train[idx]  # 2x faster than x[idx]
+                opt.zero_grad(set_to_none=True)
+                native_step = model.native_train_step(xb, yb)  # the CPU fast path, no autograd
+                if native_step is not None:
+                    loss, logits = native_step
+                else:
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+                    loss.backward()
+                opt.step()
+                step_loss[step] = loss.detach()
+                torch.argmax(logits.detach(), 1, out=pred[step * bs : (step + 1) * bs])
+                step += 1
+            if progress and step % PROGRESS_STEPS == 0:
+                progress(epoch, step, steps)
+            _maybe_die(fault, "kill", epoch, step - 1)
         loss_sum = step_loss.sum()
         bad = int(torch.argmin(torch.isfinite(step_loss).to(torch.int8)))  # the first non-finite step
         if not math.isfinite(step_loss[bad]):

@@ -896,3 +896,129 @@ def test_c_step_refuses_tensors_it_was_not_planned_for(lib, sgemm, spy):
         with pytest.raises(RuntimeError):  # torch's own dtype error, not a C call on float64 memory
             net(x)
         assert "cl_forward" not in spy
+
+
+# ---------------------------------------------------------------------------- runs of steps in one C call
+
+
+def _adam_state(opt):
+    return [{k: v.clone() for k, v in opt.state[p].items()} for g in opt.param_groups for p in g["params"]]
+
+
+def _one_by_one(net, opt, x, y, idx, batch, losses, preds):
+    """What the training loop did before runs of steps: each step from Python."""
+    for s in range(idx.numel() // batch):
+        i = idx[s * batch:(s + 1) * batch]
+        opt.zero_grad(set_to_none=True)
+        loss, logits = net.native_train_step(torch.index_select(x, 0, i), y[i])
+        opt.step()
+        losses[s] = loss
+        torch.argmax(logits, 1, out=preds[s * batch:(s + 1) * batch])
+
+
+def _run_pair(case, steps=4, seed=0):
+    """Two copies of a net with a LeanAdam each, after one ordinary step (Adam's state)."""
+    from cnnlab.fastops import LeanAdam
+
+    spec, in_shape, batch = CASES[case]
+    _, a = pair(spec, in_shape, seed=seed)
+    b = copy.deepcopy(a)
+    x, y = data(in_shape, batch * (steps + 1) + 7, seed=seed)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    opts = []
+    for net in (a, b):
+        opt = LeanAdam(net.parameters(), lr=1e-2)
+        torch.manual_seed(11)
+        _one_by_one(net, opt, x, y, idx[:batch], batch, torch.empty(1), torch.empty(batch, dtype=torch.int64))
+        opts.append(opt)
+    return a, b, opts, x, y, idx[batch:batch * (steps + 1)].contiguous(), batch
+
+
+@pytest.mark.parametrize("case", ["lab2-3c3f-bn-1x28x28-b50", "lab2-2c2f-1x28x28-b50", "nopool-then-pool-16bit",
+                                  "rgb-pool3", "k2-stride2-pool1", "fc-only"])
+def test_a_run_of_steps_in_one_c_call_equals_the_steps_one_by_one(lib, sgemm, spy, case):
+    """Net.native_train_steps (kernels.c's cl_train_steps: gather, step, Adam, argmax, in C)
+    gives bit for bit what the loop of native_train_step + LeanAdam.step + argmax gave: the
+    losses, the predictions, every parameter and buffer, Adam's state, and the random
+    stream afterwards (the same dropout seeds drawn in the same order)."""
+    a, b, (oa, ob), x, y, idx, batch = _run_pair(case)
+    steps = idx.numel() // batch
+    la, pa = torch.empty(steps), torch.empty(steps * batch, dtype=torch.int64)
+    lb, pb = torch.full((steps,), float("nan")), torch.full((steps * batch,), -1, dtype=torch.int64)
+    torch.manual_seed(5)
+    _one_by_one(a, oa, x, y, idx, batch, la, pa)
+    after_a = torch.randint(0, 2**62, (4,))
+    spy.clear()
+    torch.manual_seed(5)
+    assert b.native_train_steps(ob, x, y, idx, batch, lb, pb)
+    after_b = torch.randint(0, 2**62, (4,))
+    assert spy.count("cl_train_steps") == 1 and "cl_train_step" not in spy and "cl_adam" not in spy
+    assert torch.equal(la, lb) and torch.equal(pa, pb)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+    for sa, sb in zip(_adam_state(oa), _adam_state(ob)):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)  # the last step's gradients, as after the loop
+    assert torch.equal(after_a, after_b)
+
+
+def test_a_run_of_steps_refuses_what_it_cannot_do_and_changes_nothing(lib, sgemm, spy):
+    """Where the run's C path does not apply, native_train_steps returns False having
+    touched nothing (weights, buffers, Adam's state, the random stream), and the caller
+    takes the steps one by one."""
+    from cnnlab.fastops import LeanAdam
+
+    a, _, (oa, _), x, y, idx, batch = _run_pair("lab2-3c3f-bn-1x28x28-b50")
+    losses, preds = torch.empty(8), torch.empty(8 * batch, dtype=torch.int64)
+
+    def refuses(what, net=a, opt=oa, x=x, y=y, idx=idx, batch=batch):
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        adam = _adam_state(opt) if isinstance(opt, LeanAdam) else None
+        rng = torch.get_rng_state()
+        spy.clear()
+        assert net.native_train_steps(opt, x, y, idx, batch, losses, preds) is False, what
+        assert "cl_train_steps" not in spy, what
+        assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items()), what
+        assert adam is None or all(torch.equal(s[k], t[k]) for s, t in zip(adam, _adam_state(opt)) for k in s), what
+        assert torch.equal(rng, torch.get_rng_state()), what
+
+    refuses("a batch that does not divide the indices", idx=idx[:-1])
+    refuses("int32 indices", idx=idx.to(torch.int32))
+    refuses("torch's own Adam", opt=torch.optim.Adam(a.parameters(), lr=1e-3))
+    fresh = LeanAdam(a.parameters(), lr=1e-3)  # no state before its first step
+    refuses("an optimizer without state", opt=fresh)
+    part = LeanAdam(list(a.parameters())[1:], lr=1e-3)
+    refuses("an optimizer over some of the parameters", opt=part)
+    handle = oa.register_step_post_hook(lambda *args: None)
+    refuses("an optimizer with a hook")
+    handle.remove()
+    a[0].weight.requires_grad_(False)
+    refuses("a frozen parameter")
+    a[0].weight.requires_grad_(True)
+    a.eval()
+    refuses("a net in eval mode")
+    a.train()
+    refuses("float64 images", x=x.double())
+    a.double()
+    refuses("float64 parameters", x=x)
+
+
+def test_a_run_of_steps_with_a_bad_label_stops_there_like_the_steps(lib, sgemm):
+    """A label out of range at step 2 of a run: torch's IndexError; steps 0 and 1 were taken
+    (as one by one), step 2 was not."""
+    a, b, (oa, ob), x, y, idx, batch = _run_pair("lab2-2c2f-1x28x28-b50")
+    y = y.clone()
+    y[idx[2 * batch + 3]] = 10
+    la, pa = torch.empty(4), torch.empty(4 * batch, dtype=torch.int64)
+    lb, pb = torch.empty(4), torch.empty(4 * batch, dtype=torch.int64)
+    torch.manual_seed(1)
+    with pytest.raises(IndexError) as want:
+        _one_by_one(a, oa, x, y, idx, batch, la, pa)
+    torch.manual_seed(1)
+    with pytest.raises(IndexError) as got:
+        b.native_train_steps(ob, x, y, idx, batch, lb, pb)
+    assert str(got.value) == str(want.value) == "Target 10 is out of bounds."
+    assert torch.equal(la[:2], lb[:2]) and torch.equal(pa[:2 * batch], pb[:2 * batch])
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k

@@ -215,3 +215,38 @@ def test_real_mnist_slice(tmp_path, monkeypatch, capsys):
     assert res["data"]["n_val"] == 5000 and res["data"]["n_test"] == 10000 and res["data"]["n_train"] == 2000
     assert res["data"]["sha256"]["train-images-idx3-ubyte"].startswith("ba891046")
     assert res["test_accuracy_train"] > 50  # 2000 images, 1 epoch: well above chance (10%)
+
+
+def test_runs_of_steps_in_c_give_the_numbers_of_the_steps_one_by_one(tmp_path, idx_dir, monkeypatch):
+    """On the CPU the loop hands runs of full batches to C (Net.native_train_steps); a run
+    with that path off (every step from Python) gives the same numbers bit for bit: the
+    per-epoch metrics, every weight, buffer and Adam state. Batch 30 on 500 images: 16 full
+    batches and a smaller last one, which always goes one by one."""
+    from cnnlab import native
+    from cnnlab.checkpoint import load
+    from cnnlab.model import Net
+
+    if native.library() is None or native.sgemm() is None:
+        pytest.skip(f"no native C step here: {native.describe()}")
+    real, runs = Net.native_train_steps, []
+
+    def counted(self, *args):
+        done = real(self, *args)
+        runs.append(done)
+        return done
+
+    monkeypatch.setattr(Net, "native_train_steps", counted)
+    a = train(tmp_path, idx_dir, "a", "--batch-size", "30", preset="lab2-3c3f-bn")
+    assert sum(runs) >= 2  # runs of steps really ran in C (every epoch but the first step)
+    monkeypatch.setattr(Net, "native_train_steps", lambda self, *args: False)
+    b = train(tmp_path, idx_dir, "b", "--batch-size", "30", preset="lab2-3c3f-bn")
+
+    def numbers(run):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(run / "metrics.csv"))]
+
+    assert numbers(a) == numbers(b)
+    ta, _ = load(a / "checkpoints/last.safetensors")
+    tb, _ = load(b / "checkpoints/last.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    res_a, res_b = (json.loads((r / "result.json").read_text()) for r in (a, b))
+    assert res_a["test_accuracy"] == res_b["test_accuracy"]

@@ -36,6 +36,8 @@ SIGNATURES = {  # name: argument types (restype None), or (argument types, resty
     "cl_sgemm_check": ([_P], _I),
     "cl_train_step": ([_I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P], _I),
     "cl_forward": ([_I, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P], _I),
+    "cl_train_steps": ([_I, _P, _P, _P, _I, _I, _P, _P, ctypes.c_long, ctypes.c_long, _P, _I, _I, _I] + [_P] * 12,
+                       _I),
     "cl_adam": [_I, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I],
 }
 

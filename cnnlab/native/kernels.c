@@ -955,6 +955,62 @@ int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, con
     return 0;
 }
 
+/* ------------------------------------------------------------------ a run of steps
+ *
+ * What cnnlab's training loop does for each full batch of an epoch, `count` times in one
+ * call, with no Python between steps (whose interpreter ran cold after each step's ~4 MB of
+ * activations, about a fifth of a step): gather the batch, cl_train_step, then Adam (cl_adam),
+ * then record the loss and each sample's predicted class. Step s takes the samples
+ * idx[s*B .. s*B + B) of x_all [n_all][sample] and y_all [n_all], and the dropout seeds
+ * seeds[s*n_seeds ..). losses[s] and preds[s*B + b] are written (the prediction is the first
+ * largest logit, a NaN counting as largest, as torch.argmax). xb [B][sample] and yb [B] are
+ * scratch. Returns 0; 1 + s*B + b when step s's label b is outside [0, K) (steps before s are
+ * done, step s is not); -2 for an index outside [0, n_all) (nothing is done); -1 when memory
+ * ran out. */
+typedef struct {
+    int nt;
+    float **params, **grads, **exp_avgs, **exp_avg_sqs, **steps;
+    const int64_t *sizes;
+    double lr, beta1, beta2, eps;
+    int vec;
+} cl_adam_args;
+
+void cl_adam(int nt, float **params, float **grads, float **exp_avgs, float **exp_avg_sqs, float **steps,
+             const int64_t *sizes, double lr, double beta1, double beta2, double eps, int vec);
+
+int cl_train_steps(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, int n_seeds, int count,
+                   const float *x_all, const int64_t *y_all, long n_all, long sample, const int64_t *idx, int B,
+                   int K, int F, float *xb, int64_t *yb, float *xcm, float *hfeats, float *hgrad, float *probs,
+                   float *tmp, float *logits, float *losses, int64_t *preds, const cl_adam_args *a,
+                   cl_sgemm_fn sgemm)
+{
+    for (long i = 0; i < (long)count * B; i++)
+        if (idx[i] < 0 || idx[i] >= n_all)
+            return -2;
+    for (int s = 0; s < count; s++) {
+        const int64_t *is = idx + (long)s * B;
+        for (int b = 0; b < B; b++) {
+            memcpy(xb + (long)b * sample, x_all + is[b] * sample, sizeof(float) * sample);
+            yb[b] = y_all[is[b]];
+        }
+        const int rc = cl_train_step(nb, blk, ptrs, seeds + (long)s * n_seeds, xb, yb, B, K, F, xcm, hfeats, hgrad,
+                                     probs, tmp, logits, losses + s, sgemm);
+        if (rc)
+            return rc > 0 ? 1 + s * B + (rc - 1) : rc;
+        cl_adam(a->nt, a->params, a->grads, a->exp_avgs, a->exp_avg_sqs, a->steps, a->sizes, a->lr, a->beta1,
+                a->beta2, a->eps, a->vec);
+        for (int b = 0; b < B; b++) {
+            const float *l = logits + (long)b * K;
+            int best = 0;
+            for (int k = 1; k < K && !isnan(l[best]); k++)
+                if (l[k] > l[best] || isnan(l[k]))
+                    best = k;
+            preds[(long)s * B + b] = best;
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ Adam
  *
  * One step of torch.optim.Adam (no weight decay, no amsgrad, not maximising) over nt float32
