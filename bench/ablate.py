@@ -49,7 +49,9 @@ def configs(spec):
                         ("+ first conv as GEMM", {"pool", "conv1"}),
                         ("+ native blocks, lean Adam (in C)", {"pool", "conv1", "native"}),
                         ("+ no autograd (steps from Python)", {"pool", "conv1", "native", "step"}),
-                        ("+ the step in one C call (engine)", {"pool", "conv1", "native", "step", "cstep"})]:
+                        ("+ the step in one C call", {"pool", "conv1", "native", "step", "cstep"}),
+                        ("+ runs of 20 steps in one C call (engine)",
+                         {"pool", "conv1", "native", "step", "cstep", "runs"})]:
         torch.manual_seed(0)
         out[name] = (M.build_model(spec, (1, 28, 28), 10), dict(fused=True), paths)
     from cnnlab.fastops import LeanAdam
@@ -62,10 +64,22 @@ def configs(spec):
     return {k: (m, opt(m, kw, paths), paths) for k, (m, kw, paths) in out.items()}
 
 
-def train_steps(model, opt, x, y, steps: int, start: int, bs: int = 50, step_fn: bool = False) -> int:
+def train_steps(model, opt, x, y, steps: int, start: int, bs: int = 50, step_fn: bool = False,
+                runs: bool = False) -> int:
+    """steps training steps on consecutive batches from sample `start`; returns where they
+    ended. step_fn: the engine's step without autograd (Net.native_train_step); runs: up to
+    20 steps per C call with Adam inside (Net.native_train_steps), as the training loop does."""
+    import torch
     import torch.nn.functional as F
 
     model.train()
+    while runs and steps > 0:
+        k = min(steps, 20)
+        idx = torch.arange(start, start + k * bs) % len(y)
+        if not model.native_train_steps(opt, x, y, idx, bs, torch.empty(k), torch.empty(k * bs, dtype=torch.int64)):
+            break  # the path does not apply (no Adam state yet): one by one below
+        steps -= k
+        start += k * bs
     for _ in range(steps):
         i = start % (len(y) - bs)
         opt.zero_grad(set_to_none=True)
@@ -103,30 +117,30 @@ def main(argv=None) -> int:
     saved = set(M.FAST_PATHS)
     try:
         for k, (m, opt, paths) in cfgs.items():  # warm-up
-            M.FAST_PATHS = paths - {"step"}
+            M.FAST_PATHS = paths - {"step", "runs"}
             pos[k] = train_steps(m, opt, x, y, 5, pos[k], step_fn="step" in paths)
         for r in range(args.rounds):
             for k in (list(cfgs) if r % 2 == 0 else list(reversed(cfgs))):
                 m, opt, paths = cfgs[k]
-                M.FAST_PATHS = paths - {"step"}
+                M.FAST_PATHS = paths - {"step", "runs"}
                 clock = time.perf_counter if args.wall else time.process_time
                 t = clock()
-                pos[k] = train_steps(m, opt, x, y, args.steps, pos[k], step_fn="step" in paths)
+                pos[k] = train_steps(m, opt, x, y, args.steps, pos[k], step_fn="step" in paths, runs="runs" in paths)
                 times[k].append((clock() - t) / args.steps)
         print(f"{args.preset}, batch 50, {args.threads} thread(s), allocator tuned: {tuned}; "
               f"median {'wall' if args.wall else 'CPU'} ms per step over {args.rounds} rounds")
         ref = statistics.median(times[next(iter(cfgs))])
         for k, ts in times.items():
             med = statistics.median(ts)
-            print(f"  {k:34s} {med * 1e3:6.2f} ms  {50 / med:6.0f} samples/s  x{ref / med:.2f}")
+            print(f"  {k:42s} {med * 1e3:6.2f} ms  {50 / med:6.0f} samples/s  x{ref / med:.2f}")
         if args.profile:
             from torch.profiler import profile
 
             k = list(cfgs)[-1]
             m, opt, paths = cfgs[k]
-            M.FAST_PATHS = paths - {"step"}
+            M.FAST_PATHS = paths - {"step", "runs"}
             with profile() as prof:
-                train_steps(m, opt, x, y, 50, 0, step_fn="step" in paths)
+                train_steps(m, opt, x, y, 50, 0, step_fn="step" in paths, runs="runs" in paths)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     finally:
         M.FAST_PATHS = saved
