@@ -14,6 +14,9 @@ instead (measurements, and what was tried and dropped: docs/performance.md):
   (bool ops are unvectorised on the CPU).
 - tune_allocator: keep freed memory in the process instead of returning it to the OS, so
   the per-step activations stop costing page faults.
+- TrainStep: with the native kernels, a whole training step in one C call (cl_train_step);
+  TrainStep.run: a run of steps, each with its batch gather, Adam step (LeanAdam's, in C)
+  and predictions, in one C call (cl_train_steps), which the training loop uses.
 
 Nothing here changes what is computed; tests/test_speed_equivalence.py checks every
 function against torch's reference (values and gradients).
@@ -22,6 +25,7 @@ function against torch's reference (values and gradients).
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
 import torch.nn.functional as F
@@ -679,7 +683,7 @@ class TrainStep:
         logits = torch.empty(B, self.K)
         rc = self.lib.cl_train_steps(len(self.blocks), self.cblocks, (ctypes.c_void_p * len(ptrs))(*ptrs),
                                      seeds.data_ptr(), self.n_drops, count, x_all.data_ptr(), y_all.data_ptr(),
-                                     len(x_all), x_all[0].numel(), idx.data_ptr(), B, self.K, self.F,
+                                     len(x_all), math.prod(x_all.shape[1:]), idx.data_ptr(), B, self.K, self.F,
                                      xb.data_ptr(), yb.data_ptr(), self.xcm.data_ptr(), _ptr(self.hfeats),
                                      _ptr(self.hgrad), self.probs.data_ptr(), self.tmp.data_ptr(), logits.data_ptr(),
                                      losses.data_ptr(), preds.data_ptr(), ctypes.byref(args), self.sgemm)

@@ -9,7 +9,9 @@ Speed without changing the protocol (docs/performance.md):
 - on the CPU, model.Net runs its hidden blocks on cnnlab's native kernels (cnnlab/native,
   compiled on first use; torch's fast path in cnnlab.fastops without a C compiler), malloc
   is kept from returning memory to the OS (fastops.tune_allocator), and Adam takes a leaner
-  step into the same fused kernel (fastops.LeanAdam);
+  step into the same fused kernel (fastops.LeanAdam); with the C step, runs of up to
+  PROGRESS_STEPS full batches (gather, step, Adam, predictions) are one C call each
+  (Net.native_train_steps), bit-identical to the steps one by one;
 - evaluation runs under inference_mode in large chunks, while the loss is still reported
   as the lab's "sum of per-batch mean losses" at the training batch size.
 """
