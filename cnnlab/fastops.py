@@ -563,7 +563,7 @@ class TrainStep:
         model.double(), say, the C code must not read it."""
 
         def f32(t, n):
-            if not (_plain_cpu(t) and t.numel() == n):
+            if not (_plain(t) and t.numel() == n):
                 raise PlanMismatch(t)
             return t.data_ptr()
 
@@ -615,9 +615,7 @@ class TrainStep:
             if t is None or not t.requires_grad:
                 return None
             if t.grad is None:  # the plan's own buffer, the same every step
-                g = self._grads.get(t)
-                if g is None or g.shape != t.shape:
-                    g = self._grads[t] = torch.empty(t.shape)
+                g = self._grad_buffer(t)
                 fresh.append((t, g))
             else:  # accumulate: into a new tensor, added below
                 g = torch.empty(t.shape)
@@ -641,6 +639,12 @@ class TrainStep:
             t.grad.add_(g)
         return loss, logits
 
+    def _grad_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """The plan's gradient buffer for parameter p, the same tensor every step."""
+        g = self._grads.get(p)
+        if g is None or g.shape != p.shape:
+            g = self._grads[p] = torch.empty(p.shape)
+        return g
 
     def run(self, opt: "LeanAdam", x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor,
             losses: torch.Tensor, preds: torch.Tensor) -> bool:
@@ -665,12 +669,7 @@ class TrainStep:
         if len(params) != len(mine) or {id(p) for p in params} != {id(p) for p in mine} \
                 or not all(p.requires_grad for p in params):
             return False  # opt must step exactly the net's parameters, none frozen
-        grads = []
-        for p in params:
-            g = self._grads.get(p)
-            if g is None or g.shape != p.shape:
-                g = self._grads[p] = torch.empty(p.shape)
-            grads.append(g)
+        grads = [self._grad_buffer(p) for p in params]
         try:
             ptrs = self._pointers(lambda t: None if t is None else self._grads[t].data_ptr())
         except PlanMismatch:
@@ -749,7 +748,7 @@ class LeanAdam(torch.optim.Adam):
         states = [self.state.get(p) for p in params]
         if any(not s or gr is None for s, gr in zip(states, grads)):
             return None
-        if not all(_plain_cpu(p) and _plain_cpu(gr) for p, gr in zip(params, grads)):  # 0.3 us each
+        if not all(_plain(p) and _plain(gr) for p, gr in zip(params, grads)):  # 0.3 us each
             return None
         n = len(params)
         arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) for ts in
@@ -813,11 +812,8 @@ def _global_step_hooks() -> bool:
                 or getattr(optimizer, "_global_optimizer_post_hooks", None))
 
 
-def _plain_cpu(t: torch.Tensor) -> bool:
-    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
-
-
-def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+def _plain(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """A contiguous CPU tensor of dtype: what the C code may read as raw memory."""
     return t.is_cpu and t.dtype is dtype and t.is_contiguous()
 
 

@@ -129,12 +129,8 @@ class Net(nn.Sequential):
         """Forward and backward of one training step on the native kernels without autograd
         (fastops.train_step): (loss, logits), gradients accumulated into .grad. None where
         that path does not apply (then use forward + loss.backward())."""
-        if not (self.fast and self.training and torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and "native" in FAST_PATHS and self._can_plan
-                and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape):
-            return None
-        lib = native.library()
-        if lib is None or not all(parts.native_ok(x) for parts in self._blocks):
+        lib = self._native_training_lib(x)
+        if lib is None:
             return None
         plan = self._plan(x.shape[0], lib, backward=True)
         if plan is None:
@@ -151,16 +147,22 @@ class Net(nn.Sequential):
         and writes losses[s] and that batch's predicted classes into preds. The same numbers
         as native_train_step, opt.step() and argmax step by step. False, having done
         nothing, where that path does not apply (then take the steps one by one)."""
+        if not (isinstance(opt, fastops.LeanAdam) and batch > 0 and idx.numel() % batch == 0):
+            return False
+        lib = self._native_training_lib(x)
+        plan = None if lib is None else self._plan(batch, lib, backward=True)
+        return plan is not None and plan.run(opt, x, y, idx, losses, preds)
+
+    def _native_training_lib(self, x: torch.Tensor):
+        """The native library when a training step on images like x can run on it, else None."""
         if not (self.fast and self.training and torch.is_grad_enabled() and x.device.type == "cpu"
                 and x.dtype == torch.float32 and "native" in FAST_PATHS and self._can_plan
-                and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape and isinstance(opt, fastops.LeanAdam)
-                and batch > 0 and idx.numel() % batch == 0):
-            return False
+                and x.dim() == 4 and tuple(x.shape[1:]) == self.in_shape):
+            return None
         lib = native.library()
         if lib is None or not all(parts.native_ok(x) for parts in self._blocks):
-            return False
-        plan = self._plan(batch, lib, backward=True)
-        return plan is not None and plan.run(opt, x, y, idx, losses, preds)
+            return None
+        return lib
 
     def _plan(self, batch: int, lib, backward: bool):
         """The C plan (fastops.TrainStep) for this batch size and the modules' current modes,
