@@ -5,3 +5,23 @@ only by the modules that need them, so `cnnlab --help` stays fast.
 """
 
 __version__ = "0.1.0"
+
+
+def versions() -> dict:
+    """The versions a run or study records. Does not import torch or numpy: it reads the
+    loaded module's version when there is one, else the installed package's."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        module = sys.modules.get(name)
+        if module is not None:
+            return module.__version__
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"cnnlab": __version__, "torch": version("torch"), "numpy": version("numpy"),
+            "python": sys.version.split()[0], "platform": platform.platform()}

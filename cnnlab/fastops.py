@@ -766,9 +766,13 @@ class LeanAdam(torch.optim.Adam):
         if g is None:
             return self._torch_step(closure)
         params = g["params"]
-        states = [self.state.get(p) for p in params]
-        if any(not s or p.grad is None for p, s in zip(params, states)):
+        if any(p.grad is None for p in params):
             return self._torch_step()
+        if any(p not in self.state for p in params):  # the first step creates the state
+            if not all(_plain(p) and _plain(p.grad) for p in params):
+                return self._torch_step()
+            self._init_state(params)
+        states = [self.state[p] for p in params]
         args = self.c_args()
         if args is not None:
             native.library().cl_adam(args.nt, args.params, args.grads, args.exp_avgs, args.exp_avg_sqs, args.steps,
@@ -784,10 +788,30 @@ class LeanAdam(torch.optim.Adam):
                                grad_scale=None, found_inf=None)
         return None
 
+    def _init_state(self, params) -> None:
+        """Each parameter's state as torch's fused Adam creates it on its first step."""
+        for p in params:
+            if not self.state.get(p):
+                self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    # torch marks these methods "never compile" with a wrapper that imports torch._dynamo
+    # (about 2.4 s, once per process) on its first call; cnnlab never compiles, so it calls
+    # the methods themselves. With the first step above, a CPU run never imports torch._dynamo.
+    def add_param_group(self, param_group: dict) -> None:
+        _undecorated(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def state_dict(self):
+        return _undecorated(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict) -> None:
+        _undecorated(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad without its profiler range (0.1 ms a step at the lab's sizes)."""
         if not set_to_none:
-            return super().zero_grad(False)
+            return _undecorated(torch.optim.Optimizer.zero_grad)(self, False)
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
@@ -803,6 +827,11 @@ class LeanAdam(torch.optim.Adam):
         if not getattr(step, "hooked", False):  # no Adam made yet in this process: not wrapped
             step = torch.optim.Optimizer.profile_hook_step(step)
         return step(self, closure)
+
+
+def _undecorated(method):
+    """An Optimizer method without torch's "never compile" wrapper (torch._disable_dynamo)."""
+    return getattr(method, "__wrapped__", method)
 
 
 def _global_step_hooks() -> bool:

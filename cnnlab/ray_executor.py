@@ -267,7 +267,7 @@ class RayExecutor:
 
     # -- the interface
     def run(self, tasks: list[Task], on_done: Callable[[Task, dict], None]) -> None:
-        from cnnlab.train import read_result
+        from cnnlab.study import read_result
 
         if not tasks:
             return

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cnnlab.errors import RunError
 from cnnlab.fsutil import atomic_write_json, exclusive
-from cnnlab.study import Study, Task, check_existing, read_progress, run_state, tasks_for
+from cnnlab.study import Study, Task, check_existing, read_progress, read_result, run_state, tasks_for
 
 
 class Display:
@@ -45,8 +45,6 @@ class Display:
         self.finished.add(task.label)
         if outcome["status"] == "done":
             self.done += 1
-            from cnnlab.train import read_result
-
             res = read_result(task.run_dir) or {}
             msg = f"done    {task.label}: test accuracy {res.get('test_accuracy', float('nan')):.2f}%"
         else:
@@ -68,7 +66,7 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
     """Run every unfinished (variant, seed) of `study` into `out`. Returns counts."""
     from cnnlab.data import load_dataset
     from cnnlab.spec import layer_table
-    from cnnlab.train import versions
+    from cnnlab import versions
 
     out = Path(out)
     try:

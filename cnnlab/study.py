@@ -167,10 +167,17 @@ def tasks_for(study: Study, out: Path, command: str = "") -> list[Task]:
     return tasks
 
 
+def read_result(run_dir) -> dict | None:
+    """A run directory's result.json, or None while there is none (or it is unreadable)."""
+    p = Path(run_dir) / "result.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def run_state(task: Task) -> str:
     """'done', 'failed' (deterministically, e.g. NaN), 'partial' (interrupted) or 'new'."""
-    from cnnlab.train import read_result
-
     d = Path(task.run_dir)
     res = read_result(d)
     if res is not None:
@@ -198,6 +205,19 @@ def check_existing(task: Task) -> None:
 
 # ---------------------------------------------------------------------------- worker side
 
+_loaded: dict[str, Any] = {}  # this worker's last dataset, by name: its runs share it
+
+
+def _dataset(name: str):
+    """The dataset `name`, loaded (and verified) once per worker process for all its runs."""
+    from cnnlab.data import load_dataset
+
+    if name not in _loaded:
+        _loaded.clear()
+        _loaded[name] = load_dataset(name)
+    return _loaded[name]
+
+
 def execute_task(task: Task, threads: int = 1, resume_allowed: bool = True) -> dict:
     """Run one task in this process. Returns {"status": ..., "error": ...}; never raises for run failures."""
     import torch
@@ -220,8 +240,8 @@ def execute_task(task: Task, threads: int = 1, resume_allowed: bool = True) -> d
 
     log = open(d / "stdout.log", "a")
     try:
-        train_run(cfg, d, resume=resume_allowed, echo=lambda line: print(line, file=log, flush=True),
-                  progress=progress, command=task.command)
+        train_run(cfg, d, dataset=_dataset(cfg.data.name), resume=resume_allowed,
+                  echo=lambda line: print(line, file=log, flush=True), progress=progress, command=task.command)
         return {"status": "done"}
     except CnnlabError as e:
         return {"status": "failed", "error": str(e)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import __version__, fastops, native
+from cnnlab import fastops, native, versions
 from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
@@ -74,16 +73,6 @@ def device_name(dev: torch.device) -> str:
     if dev.type == "cpu":
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return str(dev)
-
-
-def versions() -> dict:
-    return {
-        "cnnlab": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
 
 
 def kernels(dev: torch.device) -> str:
@@ -463,10 +452,3 @@ def _check_compatible(meta: dict, cfg: RunConfig, in_shape, num_classes, path) -
             f"the data has {list(in_shape)} with {num_classes}"
         )
 
-
-def read_result(run_dir) -> dict | None:
-    p = Path(run_dir) / "result.json"
-    try:
-        return json.loads(p.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

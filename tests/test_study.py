@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,18 @@ def test_variants_are_diffs_against_base():
     assert s.variants["x"].train.epochs == 3 and s.variants["y"].train.epochs == 5
     assert s.variants["y"].train.lr == 0.01  # untouched keys come from base
     assert not any(b.bn for b in s.variants["y"].model.conv) and all(b.bn for b in s.variants["x"].model.conv)
+
+
+def test_the_study_process_leaves_torch_to_its_workers(tmp_path, idx_dir):
+    """`cnnlab study` checks the study, runs it and records versions without importing torch
+    itself (2 s before the first worker could start, and CPU taken from the workers); the
+    versions it records are the ones the runs record."""
+    study, out = write_study(tmp_path, idx_dir), tmp_path / "out"
+    code = ("import sys; from cnnlab.cli import main; "
+            f"rc = main(['study', r'{study}', '--out', r'{out}', '--workers', '2', '--no-report']); "
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split()[-2:] == ["0", "False"]
+    recorded = json.loads((out / "study.json").read_text())["versions"]
+    assert all(r["versions"] == recorded for r in results(out).values())
+    assert len(results(out)) == 4

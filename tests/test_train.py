@@ -202,6 +202,18 @@ def test_import_and_help_are_fast():
     assert float(r.stdout) < 1.0
 
 
+def test_a_cpu_run_never_imports_torch_dynamo(tmp_path, idx_dir):
+    """torch imports torch._dynamo (about 2.4 s) on an optimizer's first step or state_dict;
+    LeanAdam creates Adam's state itself and calls those methods without torch's
+    never-compile wrapper, so a whole CPU run (checkpoints, resume, evaluation) never does."""
+    code = ("import sys; from cnnlab.cli import main; "
+            f"rc = main(['train', '--preset', 'lab2-2c2f', '--data', 'idx:{idx_dir}', '--epochs', '2', "
+            f"'--val-size', '100', '--out', r'{tmp_path / 'run'}']); "
+            "print(rc, 'torch._dynamo' in sys.modules, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split()[-3:] == ["0", "False", "True"]
+
+
 @pytest.mark.slow
 def test_real_mnist_slice(tmp_path, monkeypatch, capsys):
     real = Path(__import__("os").environ["CNNLAB_REAL_DATA"])

@@ -13,7 +13,8 @@ def run(args) -> int:
     import shutil
 
     from cnnlab.data import cache_dir
-    from cnnlab.train import device_name, kernels, resolve_device, versions
+    from cnnlab import versions
+    from cnnlab.train import device_name, kernels, resolve_device
 
     for k, v in versions().items():
         print(f"{k:<10} {v}")
