@@ -7,7 +7,8 @@
 Scenario "single": one run of lab2-3c3f-bn per seed, plain loop and engine interleaved
 (the order alternates per seed). Scenario "study": the lab2 study's 4 variants x seeds,
 trained by the plain loop one after another, against `cnnlab study` (a subprocess on a
-generated study file, its default workers). Both report samples/s, wall time, their
+generated study file, its default workers), run before and after the plain runs; the ratio
+uses the mean of the two. Both report samples/s, wall time, their
 ratio, and the final test accuracy of both over the seeds, so a speed-up that changes
 results cannot hide. Method and numbers: docs/performance.md.
 """
@@ -140,19 +141,26 @@ def _study_toml(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scenario_study(ds, args, tmp: Path) -> dict:
-    # the engine: `cnnlab study` as a user runs it (default workers: one per core, 1 thread each)
+def _engine_study(args, tmp: Path) -> tuple[float, dict, list[str]]:
+    """`cnnlab study` as a user runs it (default workers: one per core, 1 thread each):
+    (wall seconds, test accuracies per variant, the command)."""
     study_file = tmp / "bench-study.toml"
     study_file.write_text(_study_toml(args))
     out = tmp / f"study-{time.time_ns()}"
     cmd = [sys.executable, "-m", "cnnlab.cli", "study", str(study_file), "--out", str(out), "--no-report"]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    engine_wall = time.perf_counter() - t
-    engine_acc = {v: [json.loads((out / "runs" / v / f"seed-{s}" / "result.json").read_text())["test_accuracy_eval"]
-                      for s in range(args.seeds)] for v in VARIANTS}
-    print(f"  study engine (cnnlab study): wall {engine_wall:.1f} s", flush=True)
-    # the plain loop, one run after another
+    wall = time.perf_counter() - t
+    acc = {v: [json.loads((out / "runs" / v / f"seed-{s}" / "result.json").read_text())["test_accuracy_eval"]
+               for s in range(args.seeds)] for v in VARIANTS}
+    return wall, acc, cmd
+
+
+def scenario_study(ds, args, tmp: Path) -> dict:
+    """engine study, plain runs, engine study again (A-B-A): a drift of the shared host's
+    speed over the ~40 minutes cancels to first order in the mean of the two engine walls."""
+    first, engine_acc, cmd = _engine_study(args, tmp)
+    print(f"  study engine (cnnlab study): wall {first:.1f} s", flush=True)
     t = time.perf_counter()
     plain_acc = {v: [] for v in VARIANTS}
     for v in VARIANTS:
@@ -160,8 +168,16 @@ def scenario_study(ds, args, tmp: Path) -> dict:
             plain_acc[v].append(run_plain(ds, v, s, args)["test_accuracy"])
     plain_wall = time.perf_counter() - t
     print(f"  study plain (sequential):    wall {plain_wall:.1f} s", flush=True)
-    return {"variants": VARIANTS, "command": " ".join(cmd[1:]), "wall_seconds": {"plain": plain_wall, "engine": engine_wall},
-            "speedup_wall": plain_wall / engine_wall, "test_accuracy": {"plain": plain_acc, "engine": engine_acc}}
+    second, again, _ = _engine_study(args, tmp)
+    print(f"  study engine again:          wall {second:.1f} s", flush=True)
+    if again != engine_acc:  # the same seeds on the same machine must give the same numbers
+        raise SystemExit(f"the engine's two studies gave different accuracies: {engine_acc} and {again}")
+    engine_wall = (first + second) / 2
+    return {"variants": VARIANTS, "command": " ".join(cmd[1:]), "order": "engine, plain, engine",
+            "engine_walls": [first, second], "wall_seconds": {"plain": plain_wall, "engine": engine_wall},
+            "speedup_wall": plain_wall / engine_wall,
+            "speedup_wall_each": [plain_wall / first, plain_wall / second],
+            "test_accuracy": {"plain": plain_acc, "engine": engine_acc}}
 
 
 # ---------------------------------------------------------------------------- main
@@ -184,6 +200,10 @@ def report(results: dict) -> str:
         out += ["", f"study ({len(s['variants'])} variants x {len(results['protocol']['seeds'])} seeds):",
                 f"  wall  plain (sequential) {s['wall_seconds']['plain']:.1f} s  engine (cnnlab study) "
                 f"{s['wall_seconds']['engine']:.1f} s  ratio {s['speedup_wall']:.2f}x"]
+        if "engine_walls" in s:
+            out.append(f"  (engine studies before and after the plain runs: {s['engine_walls'][0]:.1f} s and "
+                       f"{s['engine_walls'][1]:.1f} s, ratios {s['speedup_wall_each'][0]:.2f}x and "
+                       f"{s['speedup_wall_each'][1]:.2f}x)")
         for v in s["variants"]:
             out.append(f"  {v:14s} test acc  plain {_acc(s['test_accuracy']['plain'][v])}  "
                        f"engine {_acc(s['test_accuracy']['engine'][v])}")
