@@ -205,17 +205,26 @@ def check_existing(task: Task) -> None:
 
 # ---------------------------------------------------------------------------- worker side
 
-_loaded: dict[str, Any] = {}  # this worker's last dataset, by name: its runs share it
+_loaded: dict[tuple, Any] = {}  # this worker's last dataset: its runs share it
 
 
 def _dataset(name: str):
-    """The dataset `name`, loaded (and verified) once per worker process for all its runs."""
-    from cnnlab.data import load_dataset
+    """The dataset `name`, loaded (and verified) once per worker process for all the runs
+    that use it, and again whenever a file in its folder changed (a Ray worker outlives a
+    study; `idx:DIR` files can be rewritten between studies)."""
+    from cnnlab.data import cache_dir, load_dataset
 
-    if name not in _loaded:
+    folder = Path(name[4:]) if name.startswith("idx:") else cache_dir() / name
+    try:
+        stats = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
+        files = tuple(sorted((n, st.st_size, st.st_mtime_ns) for n, st in stats))
+    except OSError:
+        files = None
+    key = (name, files)
+    if key not in _loaded:
         _loaded.clear()
-        _loaded[name] = load_dataset(name)
-    return _loaded[name]
+        _loaded[key] = load_dataset(name)
+    return _loaded[key]
 
 
 def execute_task(task: Task, threads: int = 1, resume_allowed: bool = True) -> dict:

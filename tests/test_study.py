@@ -168,3 +168,23 @@ def test_the_study_process_leaves_torch_to_its_workers(tmp_path, idx_dir):
     recorded = json.loads((out / "study.json").read_text())["versions"]
     assert all(r["versions"] == recorded for r in results(out).values())
     assert len(results(out)) == 4
+
+
+def test_a_worker_reuses_its_dataset_until_a_file_changes(tmp_path):
+    """Runs in one worker share the loaded dataset; rewritten files are loaded again."""
+    import os
+
+    import numpy as np
+
+    from cnnlab.study import _dataset
+    from conftest import make_idx_dir, write_idx
+
+    folder = make_idx_dir(tmp_path / "d")
+    first = _dataset(f"idx:{folder}")
+    assert _dataset(f"idx:{folder}") is first
+    labels = (first.train_labels + 1) % 4
+    path = write_idx(folder / "train-labels-idx1-ubyte", labels.astype(np.uint8))
+    st = path.stat()  # as a rewrite a second later would (some file systems keep whole seconds)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = _dataset(f"idx:{folder}")
+    assert again is not first and np.array_equal(again.train_labels, labels)
