@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from cnnlab.checkpoint import load
-from cnnlab.cli import main
 from cnnlab.errors import CheckpointError
 
 ARGS = ["--preset", "lab2-3c3f-bn", "--epochs", "3", "--val-size", "100", "--threads", "1", "--seed", "3"]

@@ -280,7 +280,7 @@ def test_comparisons_match_stats_and_holm(built):
         sec = _section(md, f"### {k}: {a} vs {b}")
         assert stats.verdict(k, prs[k], holm[k]) in sec
         assert stats.verdict(k, prs[k], holm[k]) + "." in _section(md, "## Overview")
-        assert f"| Holm p (over 3 comparisons)" in sec
+        assert "| Holm p (over 3 comparisons)" in sec
         assert stats.format_p(holm[k]) in sec
     # the fake study has one clear difference and one within seed noise
     assert "2 conv vs 3 conv: +" in md and "distinguishable from seed noise (Holm p" in md
