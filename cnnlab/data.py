@@ -603,6 +603,17 @@ def load_dataset(name: str, fetch: bool = True) -> Dataset:
     return _build(key, good, source, CLASSES[key])
 
 
+def files_stamp(name: str) -> tuple | None:
+    """The names, sizes and modification times of the files in the folder behind dataset
+    `name`: it changes when they are rewritten. None when the folder cannot be read."""
+    try:
+        folder = _idx_folder(name) if name.startswith("idx:") else cache_dir() / _builtin(name)
+        stats = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
+    except (OSError, DataError):
+        return None
+    return tuple(sorted((n, st.st_size, st.st_mtime_ns) for n, st in stats))
+
+
 def dataset_status() -> list[dict]:
     """One row per built-in dataset: {"name", "where", "verified" (bool), "detail"}.
     Reads and hashes; changes nothing and fetches nothing."""

@@ -212,15 +212,9 @@ def _dataset(name: str):
     """The dataset `name`, loaded (and verified) once per worker process for all the runs
     that use it, and again whenever a file in its folder changed (a Ray worker outlives a
     study; `idx:DIR` files can be rewritten between studies)."""
-    from cnnlab.data import cache_dir, load_dataset
+    from cnnlab.data import files_stamp, load_dataset
 
-    folder = Path(name[4:]) if name.startswith("idx:") else cache_dir() / name
-    try:
-        stats = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
-        files = tuple(sorted((n, st.st_size, st.st_mtime_ns) for n, st in stats))
-    except OSError:
-        files = None
-    key = (name, files)
+    key = (name, files_stamp(name))
     if key not in _loaded:
         _loaded.clear()
         _loaded[key] = load_dataset(name)
