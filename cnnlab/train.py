@@ -171,15 +171,21 @@ def evaluate(model, x, y, batch_size: int, mode: str = "eval", seed: int = 0):
 
 # ---------------------------------------------------------------------------- checkpoint state
 
-def _state_tensors(model, opt, order_gen, epoch_gen_state=None) -> dict[str, torch.Tensor]:
+def _global_rng_state() -> dict[str, torch.Tensor]:
+    """The random streams a run's dropout draws from: torch's global generators."""
+    t = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        t["rng.cuda"] = torch.cuda.get_rng_state()
+    return t
+
+
+def _state_tensors(model, opt, order_gen, rng: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     t = {f"model.{k}": v for k, v in model.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             t[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    t["rng.torch"] = torch.get_rng_state()
+    t.update(rng)
     t["rng.order"] = order_gen.get_state()
-    if torch.cuda.is_available():
-        t["rng.cuda"] = torch.cuda.get_rng_state()
     return t
 
 
@@ -285,80 +291,31 @@ def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, ec
 
 
 def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> dict:
-    t0 = time.time()
-    clean_temp_files(out)
-    clean_temp_files(out / "checkpoints")
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
-    if device.type == "cpu":
-        fastops.tune_allocator()  # no page faults per step; numerics untouched
-    in_shape, num_classes = ds.input_shape, ds.num_classes
-    layer_table(cfg.model, in_shape, num_classes)  # shape check before any work
-
-    train_idx, val_idx = make_split(len(ds.train_labels), cfg.data.val_size, tc.seed)
-    if cfg.data.limit:
-        train_idx = train_idx[: cfg.data.limit]  # the first N of the split; val and test stay whole
-    data = to_tensors(ds, train_idx, val_idx, device)
-
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed % 2**32)
-    model = build_model(cfg.model, in_shape, num_classes).to(device)
-    opt = make_optimizer(model, cfg, device)
-    order_gen = torch.Generator().manual_seed(tc.seed)  # batch order; CPU so it is device-independent
-
-    rows: list[dict] = []
-    best_val, best_epoch, start_epoch = -1.0, -1, 0
-    last_ckpt = out / "checkpoints" / "last.safetensors"
-    if resume and last_ckpt.exists():
-        tensors, meta = checkpoint.load(last_ckpt)
-        _check_compatible(meta, cfg, in_shape, num_classes, last_ckpt)
-        _restore_state(tensors, meta, model, opt, order_gen)
-        start_epoch, best_val, best_epoch = meta["epoch"] + 1, meta["best_val_acc"], meta["best_epoch"]
-        rows = meta["rows"]  # the checkpoint, not metrics.csv, is the source of truth
-        t0 -= meta.get("wall_seconds", 0.0)
-    elif resume:
-        echo(f"(no checkpoint in {out}; starting from scratch)")
-
-    atomic_write_text(out / "config.toml", dump_config(cfg))
-    atomic_savez(out / "split.npz", train_idx=train_idx.astype(np.int64), val_idx=val_idx.astype(np.int64))
-    atomic_write_text(out / "metrics.csv", _metrics_csv(rows))
-    atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows))
-    base_result = {
-        "seed": tc.seed, "eval_mode": tc.eval_mode, "epochs": tc.epochs, "device": device_name(device),
-        "versions": versions(), "kernels": kernels(device), "command": command or " ".join(sys.argv),
-        "params": sum(p.numel() for p in model.parameters()),
-        "data": {"name": ds.name, "source": ds.source, "sha256": ds.sha256, "n_train": len(train_idx),
-                 "n_val": len(val_idx), "n_test": len(ds.test_labels), "input_shape": list(in_shape),
-                 "num_classes": num_classes},
-    }
-    if (out / "result.json").exists():
-        (out / "result.json").unlink()  # a stale result must never describe this run
-
-    n, bs = len(data.y_train), tc.batch_size
+    run = Run(cfg, out, ds, resume, echo, progress, command, checkpoint)
+    model, opt, data = run.model, run.opt, run.data
+    n, bs = len(data.y_train), cfg.train.batch_size
     steps = math.ceil(n / bs)
     fault = _fault_point()
-    for epoch in range(start_epoch, tc.epochs):
+    for epoch in range(run.start_epoch, cfg.train.epochs):
         te = time.time()
         if progress:
             progress(epoch, 0, steps)
         model.train()
-        perm = torch.randperm(n, generator=order_gen).to(device)
+        perm = torch.randperm(n, generator=run.order_gen).to(run.device)
         # per-step results stay on the device, one small copy each; the host reads them
         # once, after the epoch (no sync inside it)
-        step_loss = torch.empty(steps, device=device)
-        pred = torch.empty(n, dtype=torch.int64, device=device)  # in batch order
+        step_loss = torch.empty(steps, device=run.device)
+        pred = torch.empty(n, dtype=torch.int64, device=run.device)  # in batch order
         step = 0
         while step < steps:
             # on the CPU, runs of full batches go to C in one call each (model.native_train_steps,
             # the same numbers as the steps below); a run ends where progress is reported
-            run = min(PROGRESS_STEPS - step % PROGRESS_STEPS, n // bs - step)
-            if fault is not None and fault[:2] == ("kill", epoch) and step <= fault[2] < step + run:
-                run = fault[2] - step + 1
-            if run > 0 and model.native_train_steps(opt, data.x_train, data.y_train, perm[step * bs : (step + run) * bs],
-                                                    bs, step_loss[step : step + run], pred[step * bs : (step + run) * bs]):
-                step += run
+            span = min(PROGRESS_STEPS - step % PROGRESS_STEPS, n // bs - step)
+            if fault is not None and fault[:2] == ("kill", epoch) and step <= fault[2] < step + span:
+                span = fault[2] - step + 1
+            if span > 0 and model.native_train_steps(opt, data.x_train, data.y_train, perm[step * bs : (step + span) * bs],
+                                                     bs, step_loss[step : step + span], pred[step * bs : (step + span) * bs]):
+                step += span
             else:  # one step
                 idx = perm[step * bs : (step + 1) * bs]
                 xb, yb = torch.index_select(data.x_train, 0, idx), data.y_train[idx]  # 2x faster than x[idx]
@@ -377,63 +334,142 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
             if progress and step % PROGRESS_STEPS == 0:
                 progress(epoch, step, steps)
             _maybe_die(fault, "kill", epoch, step - 1)
+        run.end_epoch(epoch, step_loss, pred, perm, te)
+        if progress:
+            progress(epoch, steps, steps)
+    return run.finish()
+
+
+class Run:
+    """One run's state and its run directory: everything of a run but the training steps.
+
+    The constructor makes the split, the data tensors, the seeded model and optimizer (or
+    restores them from the last checkpoint) and writes config.toml and split.npz;
+    end_epoch evaluates, checkpoints and logs an epoch whose steps someone else took;
+    finish evaluates on the test set and writes result.json. train_run takes the steps one
+    run at a time; cnnlab.batched takes them for several seeds at once.
+    """
+
+    def __init__(self, cfg: RunConfig, out: Path, ds, resume: bool, echo, progress, command, checkpoint):
+        self.t0 = time.time()
+        self.cfg, self.out, self.echo, self.checkpoint = cfg, out, echo, checkpoint
+        clean_temp_files(out)
+        clean_temp_files(out / "checkpoints")
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        device = self.device = resolve_device(tc.device)
+        if device.type == "cpu":
+            fastops.tune_allocator()  # no page faults per step; numerics untouched
+        in_shape, num_classes = self.in_shape, self.num_classes = ds.input_shape, ds.num_classes
+        layer_table(cfg.model, in_shape, num_classes)  # shape check before any work
+
+        train_idx, val_idx = make_split(len(ds.train_labels), cfg.data.val_size, tc.seed)
+        if cfg.data.limit:
+            train_idx = train_idx[: cfg.data.limit]  # the first N of the split; val and test stay whole
+        self.data = to_tensors(ds, train_idx, val_idx, device)
+
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
+        self.model = build_model(cfg.model, in_shape, num_classes).to(device)
+        self.rng_after_init = torch.get_rng_state()  # where the run's dropout stream starts
+        self.opt = make_optimizer(self.model, cfg, device)
+        self.order_gen = torch.Generator().manual_seed(tc.seed)  # batch order; CPU so it is device-independent
+        self.rng_state = _global_rng_state  # what checkpoints store as the run's random stream(s)
+
+        self.rows: list[dict] = []
+        self.best_val, self.best_epoch, self.start_epoch = -1.0, -1, 0
+        self.last_ckpt = out / "checkpoints" / "last.safetensors"
+        if resume and self.last_ckpt.exists():
+            tensors, meta = checkpoint.load(self.last_ckpt)
+            _check_compatible(meta, cfg, in_shape, num_classes, self.last_ckpt)
+            _restore_state(tensors, meta, self.model, self.opt, self.order_gen)
+            self.start_epoch, self.best_val, self.best_epoch = meta["epoch"] + 1, meta["best_val_acc"], meta["best_epoch"]
+            self.rows = meta["rows"]  # the checkpoint, not metrics.csv, is the source of truth
+            self.t0 -= meta.get("wall_seconds", 0.0)
+        elif resume:
+            echo(f"(no checkpoint in {out}; starting from scratch)")
+
+        atomic_write_text(out / "config.toml", dump_config(cfg))
+        atomic_savez(out / "split.npz", train_idx=train_idx.astype(np.int64), val_idx=val_idx.astype(np.int64))
+        self._write_logs()
+        self.base_result = {
+            "seed": tc.seed, "eval_mode": tc.eval_mode, "epochs": tc.epochs, "device": device_name(device),
+            "versions": versions(), "kernels": kernels(device), "command": command or " ".join(sys.argv),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "data": {"name": ds.name, "source": ds.source, "sha256": ds.sha256, "n_train": len(train_idx),
+                     "n_val": len(val_idx), "n_test": len(ds.test_labels), "input_shape": list(in_shape),
+                     "num_classes": num_classes},
+        }
+        if (out / "result.json").exists():
+            (out / "result.json").unlink()  # a stale result must never describe this run
+
+    def _write_logs(self, tail: str = "") -> None:
+        atomic_write_text(self.out / "metrics.csv", _metrics_csv(self.rows))
+        atomic_write_text(self.out / "train.log", "".join(format_epoch(r) + "\n" for r in self.rows) + tail)
+
+    def end_epoch(self, epoch: int, step_loss: torch.Tensor, pred: torch.Tensor, perm: torch.Tensor, te: float) -> None:
+        """Close an epoch trained on perm's batch order: step_loss holds each step's mean loss,
+        pred the predicted classes in batch order. Evaluates, logs, checkpoints; a non-finite
+        loss fails the run (RunError, after result.json says so)."""
+        tc, data, n = self.cfg.train, self.data, len(self.data.y_train)
         loss_sum = step_loss.sum()
         bad = int(torch.argmin(torch.isfinite(step_loss).to(torch.int8)))  # the first non-finite step
         if not math.isfinite(step_loss[bad]):
-            return _fail(out, base_result, t0, epoch, bad, rows,
-                         f"loss became {float(loss_sum)} at epoch {epoch}, step {bad}; lower the learning rate (lr={tc.lr})")
+            _fail(self.out, self.base_result, self.t0, epoch, bad, self.rows,
+                  f"loss became {float(loss_sum)} at epoch {epoch}, step {bad}; lower the learning rate (lr={tc.lr})")
         correct = (pred == data.y_train[perm]).sum()
-        vl, va, _, _ = evaluate(model, data.x_val, data.y_val, bs, tc.eval_mode, tc.seed + 1)
+        vl, va, _, _ = evaluate(self.model, data.x_val, data.y_val, tc.batch_size, tc.eval_mode, tc.seed + 1)
         row = {"epoch": epoch, "train_loss": float(loss_sum), "train_acc": int(correct) * 100.0 / n,
                "val_loss": vl, "val_acc": va, "seconds": time.time() - te}
-        rows.append(row)
-        echo(format_epoch(row))
-        if va > best_val:
-            best_val, best_epoch = va, epoch
-        meta = {"spec": cfg.model.to_dict(), "in_shape": list(in_shape), "num_classes": num_classes,
-                "epoch": epoch, "best_val_acc": best_val, "best_epoch": best_epoch,
-                "param_groups": opt.state_dict()["param_groups"], "wall_seconds": time.time() - t0,
-                "rows": rows}
-        tensors = _state_tensors(model, opt, order_gen)
-        if best_epoch == epoch:
-            checkpoint.save(out / "checkpoints" / "best.safetensors",
-                            {k: v for k, v in tensors.items() if k.startswith("model.")}, meta)
-        checkpoint.save(last_ckpt, tensors, meta)
-        _maybe_die(fault, "kill-after-checkpoint", epoch, 0)
-        atomic_write_text(out / "metrics.csv", _metrics_csv(rows))
-        atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows))
-        if progress:
-            progress(epoch, steps, steps)
+        self.rows.append(row)
+        self.echo(format_epoch(row))
+        if va > self.best_val:
+            self.best_val, self.best_epoch = va, epoch
+        meta = {"spec": self.cfg.model.to_dict(), "in_shape": list(self.in_shape), "num_classes": self.num_classes,
+                "epoch": epoch, "best_val_acc": self.best_val, "best_epoch": self.best_epoch,
+                "param_groups": self.opt.state_dict()["param_groups"], "wall_seconds": time.time() - self.t0,
+                "rows": self.rows}
+        tensors = _state_tensors(self.model, self.opt, self.order_gen, self.rng_state())
+        if self.best_epoch == epoch:
+            self.checkpoint.save(self.out / "checkpoints" / "best.safetensors",
+                                 {k: v for k, v in tensors.items() if k.startswith("model.")}, meta)
+        self.checkpoint.save(self.last_ckpt, tensors, meta)
+        _maybe_die(_fault_point(), "kill-after-checkpoint", epoch, 0)
+        self._write_logs()
 
-    # final evaluation on the test set, both ways; the headline uses cfg.train.eval_mode
-    res = {}
-    for mode in ("eval", "train"):
-        loss, acc, pred, prob = evaluate(model, data.x_test, data.y_test, bs, mode, tc.seed + 2)
-        res[mode] = (loss, acc, pred.cpu().numpy(), prob.float().cpu().numpy())
-    sub = slice(0, min(10_000, n))
-    train_eval = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "eval")[1]
-    train_train = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "train", tc.seed + 3)[1]
-    head = res[tc.eval_mode]
-    atomic_savez(out / "predictions.npz", labels=data.y_test.cpu().numpy(), pred_eval=res["eval"][2],
-                        pred_train=res["train"][2], probs_eval=res["eval"][3].astype(np.float32))
-    ex = min(EXAMPLE_INDEX, len(data.y_test) - 1)
-    probs = head[3][ex]
-    top = np.argsort(-probs)[:3]
-    result = {
-        **base_result, "status": "done",
-        "test_accuracy": head[1], "test_loss": head[0],
-        "test_accuracy_eval": res["eval"][1], "test_accuracy_train": res["train"][1],
-        "train_accuracy_eval": train_eval, "train_accuracy_train": train_train,
-        "best_epoch": best_epoch, "best_val_acc": best_val,
-        "example": {"index": ex, "label": int(data.y_test[ex]), "predicted": int(head[2][ex]),
-                    "top_k": [[int(c), float(probs[c])] for c in top]},
-        "wall_seconds": time.time() - t0,
-    }
-    line = f"test accuracy: {head[1]:.4f}"
-    echo(line)
-    atomic_write_text(out / "train.log", "".join(format_epoch(r) + "\n" for r in rows) + line + "\n")
-    atomic_write_json(out / "result.json", result)
-    return result
+    def finish(self) -> dict:
+        """The final evaluation on the test set, both ways (the headline uses cfg.train.eval_mode);
+        writes predictions.npz and result.json and returns the result."""
+        tc, data, model, bs = self.cfg.train, self.data, self.model, self.cfg.train.batch_size
+        res = {}
+        for mode in ("eval", "train"):
+            loss, acc, pred, prob = evaluate(model, data.x_test, data.y_test, bs, mode, tc.seed + 2)
+            res[mode] = (loss, acc, pred.cpu().numpy(), prob.float().cpu().numpy())
+        sub = slice(0, min(10_000, len(data.y_train)))
+        train_eval = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "eval")[1]
+        train_train = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "train", tc.seed + 3)[1]
+        head = res[tc.eval_mode]
+        atomic_savez(self.out / "predictions.npz", labels=data.y_test.cpu().numpy(), pred_eval=res["eval"][2],
+                     pred_train=res["train"][2], probs_eval=res["eval"][3].astype(np.float32))
+        ex = min(EXAMPLE_INDEX, len(data.y_test) - 1)
+        probs = head[3][ex]
+        top = np.argsort(-probs)[:3]
+        result = {
+            **self.base_result, "status": "done",
+            "test_accuracy": head[1], "test_loss": head[0],
+            "test_accuracy_eval": res["eval"][1], "test_accuracy_train": res["train"][1],
+            "train_accuracy_eval": train_eval, "train_accuracy_train": train_train,
+            "best_epoch": self.best_epoch, "best_val_acc": self.best_val,
+            "example": {"index": ex, "label": int(data.y_test[ex]), "predicted": int(head[2][ex]),
+                        "top_k": [[int(c), float(probs[c])] for c in top]},
+            "wall_seconds": time.time() - self.t0,
+        }
+        line = f"test accuracy: {head[1]:.4f}"
+        self.echo(line)
+        self._write_logs(line + "\n")
+        atomic_write_json(self.out / "result.json", result)
+        return result
 
 
 def _fail(out, base, t0, epoch, step, rows, message) -> dict:
