@@ -4,10 +4,12 @@
 
 - LocalExecutor: worker processes on this machine (spawn), one intra-op thread each.
   A worker killed mid-run breaks the pool; the executor starts a new pool and resumes the
-  unfinished runs from their last checkpoint, up to `retries` times per run.
+  unfinished runs from their last checkpoint, up to `retries` times per run. With
+  batch_seeds > 1 a worker trains up to that many new seeds of a variant as one batched
+  network (cnnlab.batched; for GPUs); resumed runs go alone.
 - RayExecutor (cnnlab.ray_executor): one Ray task per run, same outcome format.
 
-Both execute study.execute_task, which writes the run directory itself; nothing but a
+Both execute study.execute_task(s), which writes the run directory itself; nothing but a
 small outcome dict travels back.
 """
 
@@ -18,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
-from cnnlab.study import Task, execute_task
+from cnnlab.study import Task, batch_groups, execute_tasks
 
 
 def _init_worker(threads: int) -> None:
@@ -32,8 +34,9 @@ def _init_worker(threads: int) -> None:
 
 
 class LocalExecutor:
-    def __init__(self, workers: int, threads: int = 1, retries: int = 2, poll: Callable[[], None] | None = None):
-        self.workers, self.threads, self.retries = workers, threads, retries
+    def __init__(self, workers: int, threads: int = 1, retries: int = 2, poll: Callable[[], None] | None = None,
+                 batch_seeds: int = 1):
+        self.workers, self.threads, self.retries, self.batch_seeds = workers, threads, retries, batch_seeds
         self.poll = poll or (lambda: None)
 
     def run(self, tasks: list[Task], on_done: Callable[[Task, dict], None]) -> None:
@@ -46,24 +49,30 @@ class LocalExecutor:
         """Run tasks in a fresh pool; return those to retry after the pool broke."""
         retry: list[Task] = []
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
+        groups = batch_groups(tasks, self.batch_seeds)
+        with ProcessPoolExecutor(min(self.workers, len(groups)), mp_context=ctx, initializer=_init_worker,
                                  initargs=(self.threads,)) as pool:
-            futures = {pool.submit(execute_task, t, self.threads): t for t in tasks}
+            futures = {pool.submit(execute_tasks, g, self.threads): g for g in groups}
             while futures:
                 done, _ = wait(futures, timeout=1.0, return_when=FIRST_COMPLETED)
                 self.poll()
                 for f in done:
-                    t = futures.pop(f)
+                    group = futures.pop(f)
                     try:
-                        outcome = f.result()
+                        outcomes = f.result()
                     except BrokenProcessPool:
-                        attempts[t.label] += 1
-                        if attempts[t.label] <= self.retries:
-                            retry.append(t)
-                            continue
-                        outcome = {"status": "failed",
-                                   "error": f"worker process died {attempts[t.label]} times (killed or out of memory)"}
+                        outcomes = []
+                        for t in group:
+                            attempts[t.label] += 1
+                            if attempts[t.label] <= self.retries:
+                                retry.append(t)
+                                outcomes.append(None)
+                            else:
+                                outcomes.append({"status": "failed", "error": f"worker process died "
+                                                 f"{attempts[t.label]} times (killed or out of memory)"})
                     except Exception as e:  # pickling or spawn failure
-                        outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                    on_done(t, outcome)
+                        outcomes = [{"status": "failed", "error": f"{type(e).__name__}: {e}"}] * len(group)
+                    for t, outcome in zip(group, outcomes):
+                        if outcome is not None:
+                            on_done(t, outcome)
         return retry

@@ -143,8 +143,8 @@ def is_pool2x2(pool: torch.nn.MaxPool2d) -> bool:
 # ---------------------------------------------------------------------------- dropout
 
 
-def random_bytes(n: int, device, native_rng: bool = True) -> torch.Tensor:
-    """n uniform random bytes (uint8) drawn under torch's generator.
+def random_bytes(n: int, device, native_rng: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n uniform random bytes (uint8) drawn under torch's generator (or `generator`).
 
     On the CPU with cnnlab's native kernels (and native_rng): xoshiro256++ in C, seeded by
     one 64-bit draw from torch's generator, ~5x cheaper than the alternative. Otherwise int64
@@ -153,20 +153,21 @@ def random_bytes(n: int, device, native_rng: bool = True) -> torch.Tensor:
     if native_rng and torch.device(device).type == "cpu":
         lib = native.library()
         if lib is not None:
-            seed = _draw_seed()
+            seed = _draw_seed(generator)
             out = torch.empty(n, dtype=torch.uint8)
             lib.cl_random_bytes(out.data_ptr(), n, seed)
             return out
-    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None)
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
     return words.view(torch.uint8)[:n]
 
 
-def _draw_seed() -> int:
-    """One 64-bit seed for cl_random_bytes, drawn from torch's generator."""
-    return int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) % 2**64
+def _draw_seed(generator: torch.Generator | None = None) -> int:
+    """One 64-bit seed for cl_random_bytes, drawn from torch's generator (or `generator`)."""
+    return int(torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=generator)) % 2**64
 
 
-def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float, native_rng: bool = True) -> torch.Tensor:
+def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float, native_rng: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Float mask: scale where a uniform `bits`-bit integer u < threshold, else 0.
 
     The mask is ((threshold - u) * scale) clamped to [0, scale]: u and threshold are
@@ -176,7 +177,7 @@ def dropout_mask(shape, device, dtype, bits: int, threshold: int, scale: float, 
     n = 1
     for d in shape:
         n *= d
-    raw = random_bytes(n * bits // 8, device, native_rng)
+    raw = random_bytes(n * bits // 8, device, native_rng, generator)
     if bits == 8:
         u = raw.to(torch.float32)
     else:

@@ -223,38 +223,76 @@ def _dataset(name: str):
 
 def execute_task(task: Task, threads: int = 1, resume_allowed: bool = True) -> dict:
     """Run one task in this process. Returns {"status": ..., "error": ...}; never raises for run failures."""
-    import torch
+    return execute_tasks([task], threads, resume_allowed)[0]
 
-    from cnnlab.train import train_run
+
+def execute_tasks(tasks: list[Task], threads: int = 1, resume_allowed: bool = True) -> list[dict]:
+    """Run tasks in this process: one alone, or several seeds of one variant as one batched
+    network (cnnlab.batched, each run from scratch). One outcome per task, as execute_task's."""
+    import torch
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = config_from_dict(task.config, task.label)
-    d = Path(task.run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    progress_file = d / ".progress"
-
-    def progress(epoch, step, steps):
-        try:
-            progress_file.write_text(json.dumps({"epoch": epoch, "step": step, "steps": steps,
-                                                 "epochs": cfg.train.epochs}))
-        except OSError:
-            pass
-
-    log = open(d / "stdout.log", "a")
+    cfgs = [config_from_dict(t.config, t.label) for t in tasks]
+    dirs = [Path(t.run_dir) for t in tasks]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    logs = []
     try:
-        train_run(cfg, d, dataset=_dataset(cfg.data.name), resume=resume_allowed,
-                  echo=lambda line: print(line, file=log, flush=True), progress=progress, command=task.command)
-        return {"status": "done"}
+        for d in dirs:
+            logs.append(open(d / "stdout.log", "a"))
+        echos = [lambda line, log=log: print(line, file=log, flush=True) for log in logs]
+        progresses = [_progress_writer(d / ".progress", c.train.epochs) for d, c in zip(dirs, cfgs)]
+        dataset = _dataset(cfgs[0].data.name)
+        if len(tasks) == 1:
+            from cnnlab.train import train_run
+
+            train_run(cfgs[0], dirs[0], dataset=dataset, resume=resume_allowed, echo=echos[0],
+                      progress=progresses[0], command=tasks[0].command)
+            return [{"status": "done"}]
+        from cnnlab.batched import train_batched
+
+        results = train_batched(cfgs, dirs, dataset=dataset, echos=echos, progresses=progresses,
+                                command=tasks[0].command)
+        return [{"status": "failed", "error": str(r)} if isinstance(r, Exception) else {"status": "done"}
+                for r in results]
     except CnnlabError as e:
-        return {"status": "failed", "error": str(e)}
+        return [{"status": "failed", "error": str(e)}] * len(tasks)
     except Exception as e:  # a bug or an environment fault: keep the study going, record it
         import traceback
 
-        (d / "error.txt").write_text(traceback.format_exc())
-        return {"status": "failed", "error": f"{type(e).__name__}: {e} (traceback in {d / 'error.txt'})"}
+        text = traceback.format_exc()
+        for d in dirs:
+            (d / "error.txt").write_text(text)
+        return [{"status": "failed", "error": f"{type(e).__name__}: {e} (traceback in {d / 'error.txt'})"}
+                for d in dirs]
     finally:
-        log.close()
+        for log in logs:
+            log.close()
+
+
+def _progress_writer(path: Path, epochs: int):
+    def progress(epoch, step, steps):
+        try:
+            path.write_text(json.dumps({"epoch": epoch, "step": step, "steps": steps, "epochs": epochs}))
+        except OSError:
+            pass
+
+    return progress
+
+
+def batch_groups(tasks: list[Task], size: int) -> list[list[Task]]:
+    """The units a worker runs: up to `size` new runs of one variant together (cnnlab.batched),
+    every other task alone. A partly trained run resumes alone."""
+    groups: list[list[Task]] = []
+    for t in tasks:
+        last = groups[-1] if groups else None
+        if (size > 1 and last and len(last) < size and last[0].variant == t.variant
+                and run_state(last[0]) == "new" and run_state(t) == "new"):
+            last.append(t)
+        else:
+            groups.append([t])
+    return groups
 
 
 def read_progress(task: Task) -> float:

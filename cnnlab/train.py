@@ -291,7 +291,7 @@ def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, ec
 
 
 def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> dict:
-    run = Run(cfg, out, ds, resume, echo, progress, command, checkpoint)
+    run = Run(cfg, out, ds, resume, echo, command, checkpoint)
     model, opt, data = run.model, run.opt, run.data
     n, bs = len(data.y_train), cfg.train.batch_size
     steps = math.ceil(n / bs)
@@ -350,7 +350,7 @@ class Run:
     run at a time; cnnlab.batched takes them for several seeds at once.
     """
 
-    def __init__(self, cfg: RunConfig, out: Path, ds, resume: bool, echo, progress, command, checkpoint):
+    def __init__(self, cfg: RunConfig, out: Path, ds, resume: bool, echo, command, checkpoint):
         self.t0 = time.time()
         self.cfg, self.out, self.echo, self.checkpoint = cfg, out, echo, checkpoint
         clean_temp_files(out)
@@ -377,6 +377,7 @@ class Run:
         self.order_gen = torch.Generator().manual_seed(tc.seed)  # batch order; CPU so it is device-independent
         self.rng_state = _global_rng_state  # what checkpoints store as the run's random stream(s)
 
+        self.batched = ""  # set by cnnlab.batched: which batch trained this run (kept by its checkpoints)
         self.rows: list[dict] = []
         self.best_val, self.best_epoch, self.start_epoch = -1.0, -1, 0
         self.last_ckpt = out / "checkpoints" / "last.safetensors"
@@ -387,6 +388,9 @@ class Run:
             self.start_epoch, self.best_val, self.best_epoch = meta["epoch"] + 1, meta["best_val_acc"], meta["best_epoch"]
             self.rows = meta["rows"]  # the checkpoint, not metrics.csv, is the source of truth
             self.t0 -= meta.get("wall_seconds", 0.0)
+            self.batched = meta.get("batched", "")
+            if self.batched:  # go on with the kernels and dropout layout it trained with (cnnlab.batched)
+                self.model.fast = False
         elif resume:
             echo(f"(no checkpoint in {out}; starting from scratch)")
 
@@ -401,6 +405,8 @@ class Run:
                      "n_val": len(val_idx), "n_test": len(ds.test_labels), "input_shape": list(in_shape),
                      "num_classes": num_classes},
         }
+        if self.batched:
+            self.base_result["kernels"] = f"{self.batched}; from epoch {self.start_epoch} alone on torch's kernels"
         if (out / "result.json").exists():
             (out / "result.json").unlink()  # a stale result must never describe this run
 
@@ -429,7 +435,7 @@ class Run:
         meta = {"spec": self.cfg.model.to_dict(), "in_shape": list(self.in_shape), "num_classes": self.num_classes,
                 "epoch": epoch, "best_val_acc": self.best_val, "best_epoch": self.best_epoch,
                 "param_groups": self.opt.state_dict()["param_groups"], "wall_seconds": time.time() - self.t0,
-                "rows": self.rows}
+                "rows": self.rows, **({"batched": self.batched} if self.batched else {})}
         tensors = _state_tensors(self.model, self.opt, self.order_gen, self.rng_state())
         if self.best_epoch == epoch:
             self.checkpoint.save(self.out / "checkpoints" / "best.safetensors",

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--gpus-per-run", type=float, default=1.0, metavar="F",
                    help="with --executor ray and a cuda device: GPUs each run asks for; a fraction packs "
                         "several runs on one GPU (default: 1)")
+    p.add_argument("--batch-seeds", type=int, default=1, metavar="K",
+                   help="train up to K seeds of a variant as one batched network (for a GPU; each run keeps "
+                        "its own results; default: 1, each run alone)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="times a run whose worker died is resumed (default: 3)")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
@@ -41,14 +44,16 @@ def run(args) -> int:
 
     study = override(load_study(args.study_file), seeds=args.seeds, epochs=args.epochs, limit=args.limit,
                      device=args.device, data=args.data)
-    for flag in ("workers", "threads", "retries"):
+    for flag in ("workers", "threads", "retries", "batch_seeds"):
         v = getattr(args, flag)
         if v is not None and v < (0 if flag == "retries" else 1):
-            raise ConfigError(f"--{flag} must be >= {0 if flag == 'retries' else 1}, got {v}")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'retries' else 1}, got {v}")
     out = Path(args.out or f"studies-out/{study.name}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = args.workers or max(1, cores // max(1, args.threads))
     if args.executor == "ray":
+        if args.batch_seeds > 1:
+            raise ConfigError("--batch-seeds works with --executor local only; on Ray each run is its own task")
         from cnnlab.ray_executor import RayExecutor
 
         executor = RayExecutor(address=args.address, threads=args.threads, retries=args.retries,
@@ -58,7 +63,7 @@ def run(args) -> int:
             raise ConfigError("--address is for --executor ray")
         from cnnlab.executors import LocalExecutor
 
-        executor = LocalExecutor(workers, args.threads, args.retries)
+        executor = LocalExecutor(workers, args.threads, args.retries, batch_seeds=args.batch_seeds)
     n_runs = len(study.variants) * len(study.seeds)
     print(f"study {study.name}: {len(study.variants)} variants x {len(study.seeds)} seeds = {n_runs} runs "
           f"-> {out} ({args.executor}" + (f", {workers} workers x {args.threads} thread(s))" if args.executor == "local" else ")"),
