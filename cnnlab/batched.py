@@ -253,12 +253,13 @@ def _train(runs: list[Run], progresses) -> list[dict | RunError]:
                     if progresses[k]:
                         progresses[k](epoch, step + 1, steps)
             _maybe_die(fault, "kill", epoch, step)
+        share = (time.time() - te) / K  # each run's epoch seconds: its share of the steps, then its own evaluation
         for k in live:
             r = runs[k]
             net.copy_to(k, r.model)
             _copy_adam_state(opt, net.params, k, r.opt)
             try:
-                r.end_epoch(epoch, step_loss[k], pred[k], perms[k].to(device), te)
+                r.end_epoch(epoch, step_loss[k], pred[k], perms[k].to(device), time.time() - share)
             except RunError as e:  # this model's loss became NaN: it fails alone
                 outcome[k] = e
                 continue

@@ -184,3 +184,15 @@ def test_batch_seeds_flag_errors(tmp_path, mnist_like):
     assert r.returncode == 2 and "--batch-seeds must be >= 1" in r.stderr and "Traceback" not in r.stderr
     r = cli("study", str(study), "--out", str(tmp_path / "o"), "--batch-seeds", "2", "--executor", "ray")
     assert r.returncode == 2 and "--batch-seeds works with --executor local" in r.stderr
+
+
+def test_a_worker_batches_new_seeds_of_one_variant_and_resumes_the_rest_alone(tmp_path):
+    from cnnlab.study import Task, batch_groups
+
+    tasks = [Task(v, s, {}, str(tmp_path / v / str(s))) for v in ("a", "b") for s in range(4)]
+    (tmp_path / "b" / "1").mkdir(parents=True)
+    (tmp_path / "b" / "1" / "config.toml").write_text("")  # b/seed-1 was interrupted: it resumes alone
+    labels = [[t.label for t in g] for g in batch_groups(tasks, 3)]
+    assert labels == [["a/seed-0", "a/seed-1", "a/seed-2"], ["a/seed-3"], ["b/seed-0"], ["b/seed-1"],
+                      ["b/seed-2", "b/seed-3"]]
+    assert all(len(g) == 1 for g in batch_groups(tasks, 1))
