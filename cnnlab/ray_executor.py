@@ -1,4 +1,5 @@
-"""RayExecutor: one Ray task per (variant, seed) run; the same interface as LocalExecutor.
+"""RayExecutor: one Ray task per (variant, seed) run, or per batch of seeds of a variant
+(`--batch-seeds K`, cnnlab.batched); the same interface as LocalExecutor.
 
     executor.run(tasks, on_done)   # blocks; calls on_done(task, outcome) as each run ends
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from cnnlab.errors import ConfigError, RunError
-from cnnlab.study import Task
+from cnnlab.study import Task, batch_groups
 
 NEEDS_EXTRA = "the Ray executor needs the ray extra: pip install 'cnnlab[ray]'"
 SHARED_DIR_HELP = ("--out must be on a file system that every Ray node mounts at the same path "
@@ -46,9 +47,10 @@ def _import_ray():
 # Plain module-level functions: Ray pickles them by reference, so each node needs cnnlab
 # installed (the same version as the driver).
 
-def cnnlab_run(task: Task, threads: int, cwd: str, env: dict, hide_gpus: bool = False,
-               lock_wait: float = LOCK_WAIT_S) -> dict:
-    """One run on a Ray worker (its process title is `ray::cnnlab_run`)."""
+def cnnlab_run(task: Task | list[Task], threads: int, cwd: str, env: dict, hide_gpus: bool = False,
+               lock_wait: float = LOCK_WAIT_S) -> dict | list[dict]:
+    """One run on a Ray worker (its process title is `ray::cnnlab_run`), or a list of seeds of
+    one variant trained as one batched network (`--batch-seeds`), one outcome each."""
     os.environ.update(env)
     if hide_gpus:
         # A run that asked Ray for no GPU must not use one behind Ray's back (`--device auto`
@@ -56,7 +58,7 @@ def cnnlab_run(task: Task, threads: int, cwd: str, env: dict, hide_gpus: bool = 
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
-    from cnnlab.study import execute_task, run_state
+    from cnnlab.study import execute_tasks, run_state
 
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative idx:DIR paths mean the same as on the driver
@@ -65,10 +67,14 @@ def cnnlab_run(task: Task, threads: int, cwd: str, env: dict, hide_gpus: bool = 
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this (reused) worker process
         pass
-    _wait_for_run_lock(Path(task.run_dir), lock_wait)
-    if run_state(task) == "done":  # finished meanwhile by a task of an earlier driver that died
-        return {"status": "done"}
-    return execute_task(task, threads)
+    tasks = task if isinstance(task, list) else [task]
+    for t in tasks:
+        _wait_for_run_lock(Path(t.run_dir), lock_wait)
+    # a run finished meanwhile (by a task of an earlier driver that died) is not trained again
+    todo = [t for t in tasks if run_state(t) != "done"]
+    outcomes = dict(zip([t.label for t in todo], execute_tasks(todo, threads) if todo else []))
+    out = [outcomes.get(t.label, {"status": "done"}) for t in tasks]
+    return out if isinstance(task, list) else out[0]
 
 
 def _wait_for_run_lock(run_dir: Path, timeout: float) -> None:
@@ -137,7 +143,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, threads: int = 1, retries: int = 3, study_dir=None,
                  gpus_per_run: float = 1.0, num_cpus: int | None = None, connect_timeout: float = 30.0,
-                 poll: Callable[[], None] | None = None):
+                 poll: Callable[[], None] | None = None, batch_seeds: int = 1):
         self.ray = _import_ray()
         if gpus_per_run <= 0:
             raise ConfigError(f"gpus_per_run must be > 0, got {gpus_per_run}")
@@ -145,6 +151,7 @@ class RayExecutor:
         self.study_dir = Path(study_dir) if study_dir is not None else None
         self.gpus_per_run, self.num_cpus, self.connect_timeout = gpus_per_run, num_cpus, connect_timeout
         self.poll = poll or (lambda: None)
+        self.batch_seeds = batch_seeds
         if address:
             _check_reachable(address, min(connect_timeout, 10.0))
 
@@ -283,13 +290,13 @@ class RayExecutor:
             self._check_fits(tasks)
             self._probe(study_dir)
             fn = ray.remote(cnnlab_run)
-            for t in tasks:
-                res = self.resources(t)
+            for group in batch_groups(tasks, self.batch_seeds):  # one Ray task per run, or per batch of seeds
+                res = self.resources(group[0])
                 opts = dict(num_cpus=res["num_cpus"], max_retries=self.retries, retry_exceptions=False)
                 if res["num_gpus"]:
                     opts["num_gpus"] = res["num_gpus"]
-                refs[fn.options(**opts).remote(remote_tasks[t.label], self.threads, cwd, env,
-                                               hide_gpus=not res["num_gpus"])] = t
+                arg = [remote_tasks[t.label] for t in group] if len(group) > 1 else remote_tasks[group[0].label]
+                refs[fn.options(**opts).remote(arg, self.threads, cwd, env, hide_gpus=not res["num_gpus"])] = group
             last_poll = 0.0
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0, fetch_local=False)
@@ -297,8 +304,9 @@ class RayExecutor:
                     self.poll()
                     last_poll = time.monotonic()
                 for ref in done:
-                    t = refs.pop(ref)
-                    on_done(t, self._outcome(ray, ref, t, read_result))
+                    group = refs.pop(ref)
+                    for t, outcome in zip(group, self._outcomes(ray, ref, group, read_result)):
+                        on_done(t, outcome)
         except BaseException:
             for ref in refs:
                 try:
@@ -310,9 +318,15 @@ class RayExecutor:
             if owned:
                 ray.shutdown()
 
-    def _outcome(self, ray, ref, task: Task, read_result) -> dict:
+    def _outcomes(self, ray, ref, group: list[Task], read_result) -> list[dict]:
+        """Each run's outcome: what the worker said, or why its Ray task failed (for all of them)."""
+        got = self._outcome(ray, ref)
+        outs = got if isinstance(got, list) else [got] * len(group)
+        return [self._visible(task, outcome, read_result) for task, outcome in zip(group, outs)]
+
+    def _outcome(self, ray, ref) -> dict | list[dict]:
         try:
-            outcome = ray.get(ref)
+            return ray.get(ref)
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
             n = self.retries + 1
             return {"status": "failed", "error": f"its Ray worker died {n} time{'s' if n > 1 else ''} (killed, "
@@ -323,6 +337,9 @@ class RayExecutor:
         except ray.exceptions.RayError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             return {"status": "failed", "error": f"{type(e).__name__}: {lines[-1] if lines else ''}"}
+
+    @staticmethod
+    def _visible(task: Task, outcome: dict, read_result) -> dict:
         if outcome.get("status") == "done" and read_result(task.run_dir) is None:
             return {"status": "failed", "error": f"the worker finished but {task.run_dir}/result.json is not "
                                                  f"visible here; " + SHARED_DIR_HELP}

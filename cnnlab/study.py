@@ -228,8 +228,13 @@ def execute_task(task: Task, threads: int = 1, resume_allowed: bool = True) -> d
 
 def execute_tasks(tasks: list[Task], threads: int = 1, resume_allowed: bool = True) -> list[dict]:
     """Run tasks in this process: one alone, or several seeds of one variant as one batched
-    network (cnnlab.batched, each run from scratch). One outcome per task, as execute_task's."""
+    network (cnnlab.batched, each run from scratch). One outcome per task, as execute_task's.
+    A group that was interrupted (a retry) trains its new runs together and resumes the rest alone."""
     import torch
+
+    groups = batch_groups(tasks, len(tasks))
+    if len(groups) > 1:
+        return [outcome for g in groups for outcome in execute_tasks(g, threads, resume_allowed)]
 
     if threads:
         torch.set_num_threads(threads)

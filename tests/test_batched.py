@@ -182,8 +182,6 @@ def test_batch_seeds_flag_errors(tmp_path, mnist_like):
     study.write_text(f'name = "b"\nseeds = 2\n[base]\ndata = {{ name = "idx:{mnist_like}" }}\n[variants]\na = {{}}\n')
     r = cli("study", str(study), "--out", str(tmp_path / "o"), "--batch-seeds", "0")
     assert r.returncode == 2 and "--batch-seeds must be >= 1" in r.stderr and "Traceback" not in r.stderr
-    r = cli("study", str(study), "--out", str(tmp_path / "o"), "--batch-seeds", "2", "--executor", "ray")
-    assert r.returncode == 2 and "--batch-seeds works with --executor local" in r.stderr
 
 
 def test_a_worker_batches_new_seeds_of_one_variant_and_resumes_the_rest_alone(tmp_path):

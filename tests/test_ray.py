@@ -207,6 +207,23 @@ def test_ray_study_matches_local_executor(cluster, study_file, local_study, tmp_
     assert "4 of 4 runs already finished; 0 to run" in capsys.readouterr().out
 
 
+def test_ray_batched_study_matches_local_batched_study(cluster, study_file, tmp_path, capsys):
+    """--batch-seeds 2: each variant's two seeds are one Ray task (cnnlab.batched), with the
+    local executor's numbers, bit for bit."""
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert main(["study", str(study_file), "--out", str(local), "--workers", "2", "--batch-seeds", "2",
+                 "--no-report"]) == 0
+    rc = main(["study", str(study_file), "--out", str(ray_out), "--executor", "ray", "--address", cluster,
+               "--batch-seeds", "2", "--no-report"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "4 runs trained, 0 already finished, 0 failed" in captured.out
+    _check_complete(ray_out)
+    assert _numbers(ray_out) == _numbers(local)
+    for label in LABELS:
+        assert "2 seeds batched" in json.loads((ray_out / "runs" / label / "result.json").read_text())["kernels"]
+
+
 def _runs_in_flight(study_dir: Path) -> dict[int, Path]:
     """pid -> run directory, for each process that holds a run's lock (a worker training it)."""
     found = {}

@@ -52,12 +52,10 @@ def run(args) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = args.workers or max(1, cores // max(1, args.threads))
     if args.executor == "ray":
-        if args.batch_seeds > 1:
-            raise ConfigError("--batch-seeds works with --executor local only; on Ray each run is its own task")
         from cnnlab.ray_executor import RayExecutor
 
         executor = RayExecutor(address=args.address, threads=args.threads, retries=args.retries,
-                               study_dir=out, gpus_per_run=args.gpus_per_run)
+                               study_dir=out, gpus_per_run=args.gpus_per_run, batch_seeds=args.batch_seeds)
     else:
         if args.address:
             raise ConfigError("--address is for --executor ray")
