@@ -39,10 +39,15 @@ from cnnlab import fastops, model as model_mod
 from cnnlab.config import RunConfig
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.fsutil import exclusive
+from cnnlab.model import build_model
 from cnnlab.train import PROGRESS_STEPS, Run, _fault_point, _maybe_die
 
 _KINDS = (nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, model_mod.FastDropout, nn.Dropout, nn.ReLU, nn.MaxPool2d,
           nn.Flatten, nn.Linear)
+
+
+class NotBatchable(ConfigError):
+    """These runs cannot train as one network (cnnlab.study then trains them one by one)."""
 
 
 def why_not(net: nn.Module) -> str | None:
@@ -189,6 +194,10 @@ def train_batched(cfgs: list[RunConfig], outs: list, *, dataset, echos=None, pro
     from cnnlab import checkpoint
 
     check_group(cfgs)
+    c = cfgs[0]
+    why = why_not(build_model(c.model, dataset.input_shape, dataset.num_classes))
+    if why:
+        raise NotBatchable(f"these runs cannot be batched: {why}; run them one by one")
     K = len(cfgs)
     echos = echos or [print] * K
     progresses = progresses or [None] * K
@@ -202,9 +211,6 @@ def train_batched(cfgs: list[RunConfig], outs: list, *, dataset, echos=None, pro
             locks.enter_context(exclusive(out, ".lock", f"run directory {out} is in use by another cnnlab process "
                                                         f"(lock {out / '.lock'})"))
         runs = [Run(c, out, dataset, False, e, command, checkpoint) for c, out, e in zip(cfgs, outs, echos)]
-        why = why_not(runs[0].model)
-        if why:
-            raise ConfigError(f"these runs cannot be batched: {why}; run them one by one")
         return _train(runs, progresses)
 
 

@@ -255,10 +255,15 @@ def execute_tasks(tasks: list[Task], threads: int = 1, resume_allowed: bool = Tr
             train_run(cfgs[0], dirs[0], dataset=dataset, resume=resume_allowed, echo=echos[0],
                       progress=progresses[0], command=tasks[0].command)
             return [{"status": "done"}]
-        from cnnlab.batched import train_batched
+        from cnnlab.batched import NotBatchable, train_batched
 
-        results = train_batched(cfgs, dirs, dataset=dataset, echos=echos, progresses=progresses,
-                                command=tasks[0].command)
+        try:
+            results = train_batched(cfgs, dirs, dataset=dataset, echos=echos, progresses=progresses,
+                                    command=tasks[0].command)
+        except NotBatchable as e:  # e.g. a dropout p that only torch's bernoulli_ draws exactly
+            for echo in echos:
+                echo(f"({e})")
+            return [execute_tasks([t], threads, resume_allowed)[0] for t in tasks]
         return [{"status": "failed", "error": str(r)} if isinstance(r, Exception) else {"status": "done"}
                 for r in results]
     except CnnlabError as e:

@@ -194,3 +194,19 @@ def test_a_worker_batches_new_seeds_of_one_variant_and_resumes_the_rest_alone(tm
     assert labels == [["a/seed-0", "a/seed-1", "a/seed-2"], ["a/seed-3"], ["b/seed-0"], ["b/seed-1"],
                       ["b/seed-2", "b/seed-3"]]
     assert all(len(g) == 1 for g in batch_groups(tasks, 1))
+
+
+def test_runs_that_cannot_batch_train_one_by_one(tmp_path, idx_dir):
+    """A dropout p that only torch's bernoulli_ draws exactly has no per-model generator: the
+    worker says so in each run's log and trains the runs alone."""
+    study = tmp_path / "s.toml"
+    study.write_text(f'name = "b"\nseeds = 2\n[base]\ndata = {{ name = "idx:{idx_dir}", val_size = 100 }}\n'
+                     f'train = {{ epochs = 1, threads = 1, device = "cpu" }}\n'
+                     f'[variants]\np03 = {{ model = {{ preset = "lab2-2c2f", conv_dropout = 0.3 }} }}\n')
+    r = cli("study", str(study), "--out", str(tmp_path / "o"), "--workers", "1", "--batch-seeds", "2", "--no-report")
+    assert r.returncode == 0, r.stderr
+    for s in (0, 1):
+        run = tmp_path / "o/runs/p03" / f"seed-{s}"
+        res = json.loads((run / "result.json").read_text())
+        assert res["status"] == "done" and "batched" not in res["kernels"]
+        assert "cannot be batched: dropout p=0.3" in (run / "stdout.log").read_text()
