@@ -7,9 +7,10 @@
   unfinished runs from their last checkpoint, up to `retries` times per run. With
   batch_seeds > 1 a worker trains up to that many new seeds of a variant as one batched
   network (cnnlab.batched; for GPUs); resumed runs go alone.
-- RayExecutor (cnnlab.ray_executor): one Ray task per run, same outcome format.
+- RayExecutor (cnnlab.ray_executor): one Ray task per run (or per batch of seeds), same
+  outcome format.
 
-Both execute study.execute_task(s), which writes the run directory itself; nothing but a
+Both execute study.execute_tasks, which writes the run directories itself; nothing but a
 small outcome dict travels back.
 """
 
