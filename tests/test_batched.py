@@ -157,6 +157,7 @@ def test_a_batched_study_killed_mid_epoch_resumes_each_run_alone_on_the_same_cou
     r = cli("study", str(study), "--out", str(ref), "--workers", "1", "--batch-seeds", "3", "--no-report")
     assert r.returncode == 0, r.stderr
     assert "3 runs trained, 0 already finished, 0 failed" in r.stdout
+    assert "note: --batch-seeds 3 on the CPU" in r.stdout  # the user hears that it is meant for a GPU
     out = tmp_path / "out"
     env = {"CNNLAB_FAULT": "kill:1:5", "CNNLAB_FAULT_ONCE": str(tmp_path / "fired")}
     r = cli("study", str(study), "--out", str(out), "--workers", "1", "--batch-seeds", "3", "--no-report", env=env)

@@ -66,6 +66,9 @@ def run(args) -> int:
     print(f"study {study.name}: {len(study.variants)} variants x {len(study.seeds)} seeds = {n_runs} runs "
           f"-> {out} ({args.executor}" + (f", {workers} workers x {args.threads} thread(s))" if args.executor == "local" else ")"),
           flush=True)
+    if args.batch_seeds > 1 and all(c.train.device == "cpu" for c in study.variants.values()):
+        print(f"note: --batch-seeds {args.batch_seeds} on the CPU trains on torch's kernels, about 0.3x the speed of "
+              "separate runs on cnnlab's native ones; it is meant for a GPU (docs/performance.md, GPU)", flush=True)
     counts = run_study(study, out, executor, Path(args.study_file), command="cnnlab " + " ".join(sys.argv[1:]),
                        report=not args.no_report)
     print(f"{counts['done']} runs trained, {counts['skipped']} already finished, {counts['failed']} failed "
