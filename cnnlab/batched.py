@@ -38,9 +38,8 @@ from torch import nn
 from cnnlab import fastops, model as model_mod
 from cnnlab.config import RunConfig
 from cnnlab.errors import ConfigError, RunError
-from cnnlab.fsutil import exclusive
 from cnnlab.model import build_model
-from cnnlab.train import PROGRESS_STEPS, Run, _fault_point, _maybe_die
+from cnnlab.train import PROGRESS_STEPS, Run, _fault_point, _maybe_die, run_directory
 
 _KINDS = (nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, model_mod.FastDropout, nn.Dropout, nn.ReLU, nn.MaxPool2d,
           nn.Flatten, nn.Linear)
@@ -204,12 +203,7 @@ def train_batched(cfgs: list[RunConfig], outs: list, *, dataset, echos=None, pro
     outs = [Path(o) for o in outs]
     with contextlib.ExitStack() as locks:
         for out in outs:
-            try:
-                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise RunError(f"cannot create run directory {out}: {e.strerror}; choose a writable --out") from None
-            locks.enter_context(exclusive(out, ".lock", f"run directory {out} is in use by another cnnlab process "
-                                                        f"(lock {out / '.lock'})"))
+            locks.enter_context(run_directory(out))
         runs = [Run(c, out, dataset, False, e, command, checkpoint) for c, out, e in zip(cfgs, outs, echos)]
         return _train(runs, progresses)
 

@@ -278,6 +278,14 @@ def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, ec
     from cnnlab.data import load_dataset
 
     out = Path(out_dir)
+    with run_directory(out):
+        return _train_locked(cfg, out, dataset or load_dataset(cfg.data.name), resume, echo, progress,
+                             command, checkpoint)
+
+
+def run_directory(out: Path):
+    """Make the run directory `out` (and its checkpoints/) and hold its lock: a context manager.
+    A directory that cannot be made or written, or that another process trains, is a RunError."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoints").mkdir(exist_ok=True)
@@ -285,9 +293,7 @@ def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, ec
         raise RunError(f"cannot create run directory {out}: {e.strerror}; choose a writable --out") from None
     if not os.access(out, os.W_OK):
         raise RunError(f"run directory {out} is not writable; choose another --out")
-    with exclusive(out, ".lock", f"run directory {out} is in use by another cnnlab process (lock {out / '.lock'})"):
-        return _train_locked(cfg, out, dataset or load_dataset(cfg.data.name), resume, echo, progress,
-                             command, checkpoint)
+    return exclusive(out, ".lock", f"run directory {out} is in use by another cnnlab process (lock {out / '.lock'})")
 
 
 def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> dict:
