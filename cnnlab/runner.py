@@ -6,14 +6,16 @@ Progress: one display for the whole study (runs done, epochs in flight, ETA), fe
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from cnnlab.errors import RunError
+from cnnlab.errors import ConfigError, RunError
 from cnnlab.fsutil import atomic_write_json, exclusive
-from cnnlab.study import Study, Task, check_existing, read_progress, read_result, run_state, tasks_for
+from cnnlab.study import (Study, Task, check_existing, decide_all, existing_seeds, next_round, read_progress,
+                          read_result, run_state, tasks_for)
 
 
 class Display:
@@ -61,9 +63,27 @@ class Display:
             self.bar.close()
 
 
+def _previous(out: Path) -> dict:
+    try:
+        data = json.loads((out / "study.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _accuracies(tasks: list[Task]) -> dict[str, dict[int, float]]:
+    acc: dict[str, dict[int, float]] = {}
+    for t in tasks:
+        res = read_result(t.run_dir)
+        if res and res.get("status") == "done" and isinstance(res.get("test_accuracy"), (int, float)):
+            acc.setdefault(t.variant, {})[t.seed] = float(res["test_accuracy"])
+    return acc
+
+
 def run_study(study: Study, out: Path, executor, study_file: Path | None = None, command: str = "",
               report: bool = True) -> dict:
-    """Run every unfinished (variant, seed) of `study` into `out`. Returns counts."""
+    """Run every unfinished (variant, seed) of `study` into `out`; with seeds until resolved,
+    in rounds until every comparison is resolved or the budget is spent. Returns counts."""
     from cnnlab.data import load_dataset
     from cnnlab.spec import layer_table
     from cnnlab import versions
@@ -86,35 +106,40 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
                 layer_table(cfg.model, ds.input_shape, ds.num_classes)
             except SpecError as e:
                 raise SpecError(f"variant {vname}: {e}") from None
-        tasks = tasks_for(study, out, command)
-        for t in tasks:
-            check_existing(t)
+        sequential = study.stopping.until_resolved
+        if not sequential and _previous(out).get("stopping", {}).get("until_resolved"):
+            raise ConfigError(f"{out} holds a study run with seeds until resolved; run it with --until-resolved "
+                              "again (its intervals must stay sequential), or use a new --out")
+        seeds = {v: list(study.seeds) for v in study.variants}
+        if sequential:  # a study continued (a larger --max-seeds, or after a crash) keeps every seed it has
+            for v in seeds:
+                seeds[v] = sorted(set(seeds[v]) | {s for s in existing_seeds(out, v) if s < study.stopping.max_seeds})
         if study_file is not None:
             shutil.copyfile(study_file, out / ".study.toml.tmp")
             (out / ".study.toml.tmp").replace(out / "study.toml")
-        # not key-sorted: the variants keep the study file's order, which the report follows
-        atomic_write_json(out / "study.json", {**study.resolved(), "command": command, "versions": versions()},
-                          sort_keys=False)
-
-        states = {t.label: run_state(t) for t in tasks}
-        todo = [t for t in tasks if states[t.label] in ("new", "partial")]
-        skipped = len(tasks) - len(todo)
-        if skipped:
-            print(f"{skipped} of {len(tasks)} runs already finished; {len(todo)} to run", flush=True)
         t0 = time.time()
-        counts = {"total": len(tasks), "skipped": skipped, "done": 0, "failed": 0}
-        if todo:
-            display = Display(todo, {t.label: t.config["train"]["epochs"] for t in todo})
-            executor.poll = display.poll
-
-            def on_done(task, outcome):
-                counts["done" if outcome["status"] == "done" else "failed"] += 1
-                display.run_done(task, outcome)
-
-            try:
-                executor.run(todo, on_done)
-            finally:
-                display.close()
+        counts = {"total": 0, "skipped": 0, "done": 0, "failed": 0}
+        for round_no in range(1, 10_000):
+            tasks = tasks_for(study, out, command, seeds)
+            for t in tasks:
+                check_existing(t)
+            # not key-sorted: the variants keep the study file's order, which the report follows
+            atomic_write_json(out / "study.json", {**study.resolved(), "variant_seeds": seeds, "command": command,
+                                                   "versions": versions()}, sort_keys=False)
+            _run_round(tasks, executor, counts, first=round_no == 1)
+            if not sequential:
+                break
+            decisions = decide_all(study.comparisons, _accuracies(tasks), sequential=True)
+            add = next_round(study, seeds, decisions)
+            resolved = sum(d.resolved for _, d in decisions.values())
+            print(f"round {round_no}: {resolved} of {len(decisions)} comparisons resolved"
+                  + (f"; next: {', '.join(f'{v} seed {seeds_text(ss)}' for v, ss in add.items())}" if add else
+                     ("" if resolved == len(decisions) else f"; budget spent (max_seeds = {study.stopping.max_seeds})")),
+                  flush=True)
+            if not add:
+                break
+            for v, ss in add.items():
+                seeds[v] = sorted(seeds[v] + ss)
         counts["wall_seconds"] = time.time() - t0
         if report:
             from cnnlab.report import build_report
@@ -123,3 +148,31 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
             counts["report"] = str(html)
         return counts
 
+
+def seeds_text(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds))
+
+
+def _run_round(tasks: list[Task], executor, counts: dict, first: bool) -> None:
+    states = {t.label: run_state(t) for t in tasks}
+    todo = [t for t in tasks if states[t.label] in ("new", "partial")]
+    if first:
+        counts["total"] = len(tasks)
+        counts["skipped"] = len(tasks) - len(todo)
+        if counts["skipped"]:
+            print(f"{counts['skipped']} of {len(tasks)} runs already finished; {len(todo)} to run", flush=True)
+    else:
+        counts["total"] += len(todo)
+    if not todo:
+        return
+    display = Display(todo, {t.label: t.config["train"]["epochs"] for t in todo})
+    executor.poll = display.poll
+
+    def on_done(task, outcome):
+        counts["done" if outcome["status"] == "done" else "failed"] += 1
+        display.run_done(task, outcome)
+
+    try:
+        executor.run(todo, on_done)
+    finally:
+        display.close()

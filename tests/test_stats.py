@@ -62,32 +62,6 @@ def test_summarize_empty_and_nan():
         stats.summarize([1.0, float("nan")])
 
 
-# ---------------------------------------------------------------------------- holm
-
-def test_holm_by_hand():
-    # sorted: 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> running max 0.06)
-    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-
-
-def test_holm_caps_at_one_and_is_monotone():
-    # sorted 0.2 (x3 = 0.6), 0.5 (x2 = 1.0), 0.7 (x1 = 0.7 -> max 1.0); capped at 1
-    assert stats.holm([0.5, 0.2, 0.7]) == pytest.approx([1.0, 0.6, 1.0])
-    rng = np.random.default_rng(0)
-    p = rng.uniform(0, 0.2, size=12)
-    adj = np.array(stats.holm(p))
-    order = np.argsort(p)
-    assert np.all(np.diff(adj[order]) >= 0)
-    assert np.all(adj >= p) and np.all(adj <= 1)
-
-
-def test_holm_skips_nan_and_handles_ties():
-    # the NaN comparison had no test: m = 2, not 3
-    out = stats.holm([0.02, float("nan"), 0.04])
-    assert out[0] == pytest.approx(0.04) and out[2] == pytest.approx(0.04) and math.isnan(out[1])
-    assert stats.holm([0.01, 0.01]) == pytest.approx([0.02, 0.02])
-    assert stats.holm([]) == []
-
-
 # ---------------------------------------------------------------------------- paired
 
 def test_paired_by_hand_on_matched_seeds_only():
@@ -110,7 +84,7 @@ def test_paired_by_hand_on_matched_seeds_only():
 
 def test_paired_one_and_zero_matched_seeds():
     one = stats.paired({0: 1.0, 1: 2.0}, {1: 1.5})
-    assert one.n == 1 and one.mean_diff == 0.5 and math.isnan(one.p) and one.seeds_needed is None
+    assert one.n == 1 and one.mean_diff == 0.5 and math.isnan(one.p)
     none = stats.paired({0: 1.0}, {1: 1.0})
     assert none.n == 0 and math.isnan(none.mean_diff)
 
@@ -119,68 +93,103 @@ def test_paired_identical_differences():
     # every seed differs by exactly 0.5: sd = 0, the difference is certain -> p = 0
     p = stats.paired({0: 1.5, 1: 2.5, 2: 3.5}, {0: 1.0, 1: 2.0, 2: 3.0})
     assert p.sd_diff == 0 and p.p == 0.0 and (p.ci_low, p.ci_high) == (0.5, 0.5)
-    assert p.seeds_needed == 2
     # identical values: no difference at all -> p = 1, nothing to resolve
     z = stats.paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})
-    assert z.mean_diff == 0 and z.p == 1.0 and z.seeds_needed is None
-    assert z.seeds_needed_text == ">1000"
+    assert z.mean_diff == 0 and z.p == 1.0
 
 
-# ---------------------------------------------------------------------------- seeds needed
+# ---------------------------------------------------------------------------- decisions, fixed n
 
-def test_seeds_needed_textbook_values():
-    # G*Power, "t tests - means: difference between two dependent means (matched pairs)",
-    # two tails, alpha 0.05, power 0.80: dz = 1.0 -> 10, dz = 0.8 -> 15, dz = 0.5 -> 34.
-    assert stats.seeds_needed(1.0) == 10
-    assert stats.seeds_needed(0.8) == 15
-    assert stats.seeds_needed(0.5) == 34
-    # the power just below and at n = 10 for dz = 1: 0.748 and 0.803
-    assert stats.paired_power(1.0, 9) < 0.8 <= stats.paired_power(1.0, 10)
-    assert stats.paired_power(1.0, 10) == pytest.approx(0.8031, abs=1e-4)
+LAB = ({0: 98.0, 1: 98.2, 2: 97.9, 3: 98.1}, {0: 80.0, 1: 87.0, 2: 75.0, 3: 85.0})
 
 
-def test_seeds_needed_monotone_and_capped():
-    effects = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0]
-    needed = [stats.seeds_needed(d) for d in effects]
-    assert needed == sorted(needed, reverse=True)
-    assert stats.seeds_needed(-1.0) == stats.seeds_needed(1.0)  # sign does not matter
-    assert stats.seeds_needed(0.0) is None
-    assert stats.seeds_needed(0.05) is None  # would need ~3100 seeds: above the cap
-    assert stats.seeds_needed(math.inf) == 2
-    assert stats.seeds_needed(math.nan) is None
+def test_fixed_decision_uses_the_bonferroni_t_interval():
+    # differences 18.0, 11.2, 22.9, 13.1: mean 16.3, sd 5.2555..., se = sd / 2
+    # m = 4 -> alpha 0.0125 each -> t_{1 - 0.00625, 3} = 5.392 (the textbook t table's 0.99375
+    # quantile at 3 df lies between t_.99 = 4.541 and t_.995 = 5.841)
+    pr = stats.paired(*LAB)
+    d = stats.decide(pr, 0.5, m=4, sequential=False)
+    sd = float(np.std([18.0, 11.2, 22.9, 13.1], ddof=1))
+    half = st.t.ppf(1 - 0.0125 / 2, 3) * sd / 2
+    assert 4.541 < st.t.ppf(1 - 0.0125 / 2, 3) < 5.841
+    assert (d.ci_low, d.ci_high) == pytest.approx((16.3 - half, 16.3 + half))
+    assert d.kind == "a" and d.level == pytest.approx(0.9875) and d.m == 4
+    # the adjusted p is Bonferroni's m * p, and it is below alpha exactly when the interval excludes 0
+    assert d.p == pytest.approx(min(1, 4 * pr.p))
+    assert (d.p <= 0.05) == (d.ci_low > 0)
 
 
-# ---------------------------------------------------------------------------- verdict
-
-def test_verdict_distinguishable():
-    pr = stats.paired({0: 88.0, 1: 89.0, 2: 88.5, 3: 89.2}, {0: 86.1, 1: 87.3, 2: 86.8, 3: 87.2})
-    text = stats.verdict("BN vs no BN", pr, 0.012)
-    assert text.startswith(f"BN vs no BN: +{pr.mean_diff:.2f} pts [{pr.ci_low:.2f}, {pr.ci_high:.2f}]")
-    assert text.endswith("distinguishable from seed noise (Holm p = 0.012)")
-
-
-def test_verdict_not_distinguishable_says_seeds_needed():
-    pr = stats.paired({0: 88.0, 1: 87.0, 2: 88.6}, {0: 87.5, 1: 87.4, 2: 87.9})
-    text = stats.verdict("BN vs no BN", pr, 0.41)
-    assert "not distinguishable from seed noise with 3 seeds (Holm p = 0.41)" in text
-    assert f"about {pr.seeds_needed} seeds would be needed to resolve a difference of this size" in text
-
-
-def test_verdict_borderline_after_holm():
-    # differences 1.0, 1.2, 0.8, 1.1, 0.9: mean 1.0, sd 0.158 -> dz 6.3, 2 seeds would do, p ~ 1e-5;
-    # a Holm p above 0.05 (many comparisons) makes it borderline, not "needs more seeds than it has"
-    pr = stats.paired({i: 10 + d for i, d in enumerate([1.0, 1.2, 0.8, 1.1, 0.9])}, {i: 10.0 for i in range(5)})
-    assert pr.seeds_needed is not None and pr.seeds_needed <= pr.n
-    text = stats.verdict("x", pr, 0.08)
-    assert "not distinguishable" in text and "borderline" in text and "would be needed" not in text
+def test_decision_kinds_and_margin():
+    diffs = [0.1, -0.2, 0.15, -0.05, 0.0, 0.12, -0.1, 0.05]  # mean 0.00875, sd 0.12
+    close = stats.paired({i: 90 + d for i, d in enumerate(diffs)}, {i: 90.0 for i in range(8)})
+    eq = stats.decide(close, 0.5)
+    assert eq.kind == "equivalent" and -0.5 < eq.ci_low and eq.ci_high < 0.5
+    assert stats.decide(close, 0.0).kind != "equivalent"  # no margin: nothing is equivalent
+    noisy = stats.paired({0: 90.0, 1: 80.0, 2: 85.0}, {0: 84.0, 1: 86.0, 2: 85.0})
+    d = stats.decide(noisy, 0.5)
+    assert d.kind == "undetermined" and d.ci_low < 0 < d.ci_high and d.more is None or d.more > 0
+    b = stats.decide(stats.paired(LAB[1], LAB[0]), 0.5)
+    assert b.kind == "b" and b.ci_high < 0
+    assert stats.verdict_text("p025", "bn", stats.decide(stats.paired(*LAB), 0.5)).startswith("p025 better by 16.30 pts [")
+    assert stats.verdict_text("bn", "p025", b, detail=False) == "p025 better by 16.30 pts"
 
 
-def test_verdict_edge_cases():
-    assert "1 matched seed: no interval" in stats.verdict("x", stats.paired({0: 1.0}, {0: 0.0}), math.nan)
-    assert "nothing to compare" in stats.verdict("x", stats.paired({}, {}), math.nan)
-    z = stats.paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})
-    assert "more than 1000 seeds" in stats.verdict("x", z, 1.0)
-    assert "p < 0.001" in stats.verdict("x", stats.paired({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0}), 0.0)
+def test_projected_seeds_resolve_at_the_projected_n():
+    # if the mean and sd stay as observed, the interval at n + more excludes 0 and at n + more - 1 does not
+    for seq in (False, True):
+        mean, sd, n, alpha = 3.0, 4.0, 4, 0.05
+        more = stats.seeds_more(mean, sd, n, alpha, seq, 0.5)
+        assert more is not None and more > 0
+        mult = (lambda k: stats.anytime_t(k, alpha)) if seq else (lambda k: st.t.ppf(1 - alpha / 2, k - 1))
+        assert mult(n + more) * sd / math.sqrt(n + more) < mean <= mult(n + more - 1) * sd / math.sqrt(n + more - 1)
+
+
+def test_too_few_seeds_and_degenerate_differences():
+    assert stats.decide(stats.paired({0: 1.0}, {0: 0.0}), 0.5).kind == "undetermined"
+    assert "at least 2" in stats.verdict_text("a", "b", stats.decide(stats.paired({0: 1.0}, {0: 0.0}), 0.5))
+    assert stats.verdict_text("a", "b", stats.decide(stats.paired({}, {}), 0.5)) == "no seed finished on both sides"
+    same = stats.paired({0: 1.5, 1: 2.5, 2: 3.5}, {0: 1.0, 1: 2.0, 2: 3.0})  # every seed differs by exactly 0.5
+    assert stats.decide(same, 0.1).kind == "a"
+    # sequentially, 3 seeds can give no interval at all, whatever the data: nothing is resolved
+    d = stats.decide(same, 0.1, m=4, sequential=True)
+    assert d.kind == "undetermined" and math.isnan(d.ci_low)
+
+
+# ---------------------------------------------------------------------------- the sequential e-value
+
+def _e_by_quadrature(x: np.ndarray, mixture) -> float:
+    """The safe t-test's e-value from its definition: the Bayes factor of N(dz*sigma, sigma^2)
+    (dz = +-d with weight w/2 each) against N(0, sigma^2), sigma integrated out under the right
+    Haar prior 1/sigma, by quadrature over log sigma."""
+    from scipy import integrate
+
+    def lik(mu_over_sigma):
+        def f(logs):
+            s = math.exp(logs)
+            return math.exp(np.sum(st.norm.logpdf(x, mu_over_sigma * s, s)) + 40)  # scaled: cancels
+        return integrate.quad(f, -8, 8, limit=400, epsabs=0, epsrel=1e-10)[0]
+
+    return sum(w / 2 * (lik(dz) + lik(-dz)) for dz, w in mixture) / lik(0.0)
+
+
+@pytest.mark.parametrize("x", [[1.2, 0.3, 2.1, 1.7], [0.5, -0.2, 0.1, 0.4, -0.3, 0.2], [3.0, 2.5, 4.1]])
+def test_e_value_closed_form_equals_its_definition(x):
+    x = np.asarray(x)
+    n = len(x)
+    t = x.mean() / (x.std(ddof=1) / math.sqrt(n))
+    for mixture in (((1.0, 1.0),), ((2.0, 1.0),), stats.MIXTURE):
+        assert math.exp(stats.log_e_value(t, n, mixture)) == pytest.approx(_e_by_quadrature(x, mixture), rel=1e-6)
+
+
+def test_anytime_multiplier_inverts_the_e_value():
+    for n in (5, 8, 20):
+        for alpha in (0.05, 0.0125):
+            tstar = stats.anytime_t(n, alpha)
+            assert stats.log_e_value(tstar, n) == pytest.approx(math.log(1 / alpha), abs=1e-8)
+            assert tstar > st.t.ppf(1 - alpha / 2, n - 1)  # wider than fixed-n: the price of looking
+    assert math.isinf(stats.anytime_t(3, 0.05)) and math.isinf(stats.anytime_t(4, 0.0125))
+    # any real difference is resolvable in the end: the half-width in sd units shrinks with n
+    assert stats.anytime_t(400, 0.0125) / math.sqrt(400) < 0.3
 
 
 def test_format_p():

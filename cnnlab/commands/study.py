@@ -14,6 +14,13 @@ def register(sub) -> None:
                    help="parallel runs (default: one per CPU core, each with one thread)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="intra-op threads per worker (default: 1)")
     p.add_argument("--seeds", type=int, metavar="N", help="use seeds 0..N-1 instead of the file's")
+    p.add_argument("--until-resolved", action="store_true", default=None,
+                   help="add seeds in rounds until every comparison is resolved (one side better, or equivalent "
+                        "within the margin) or --max-seeds is reached; intervals become anytime-valid "
+                        "(also [stopping] until_resolved = true in the study file)")
+    p.add_argument("--max-seeds", type=int, metavar="N",
+                   help="with --until-resolved: at most seeds 0..N-1 per variant (default: the study file's "
+                        "[stopping] max_seeds, else 20); raise it later to continue a study")
     p.add_argument("--epochs", type=int, metavar="N", help="override every variant's epochs")
     p.add_argument("--limit", type=int, metavar="N", help="train on the first N training images (quick runs)")
     p.add_argument("--data", metavar="NAME", help="override every variant's dataset")
@@ -43,7 +50,8 @@ def run(args) -> int:
     from cnnlab.study import load_study, override
 
     study = override(load_study(args.study_file), seeds=args.seeds, epochs=args.epochs, limit=args.limit,
-                     device=args.device, data=args.data)
+                     device=args.device, data=args.data, until_resolved=args.until_resolved,
+                     max_seeds=args.max_seeds)
     for flag in ("workers", "threads", "retries", "batch_seeds"):
         v = getattr(args, flag)
         if v is not None and v < (0 if flag == "retries" else 1):
@@ -63,7 +71,9 @@ def run(args) -> int:
 
         executor = LocalExecutor(workers, args.threads, args.retries, batch_seeds=args.batch_seeds)
     n_runs = len(study.variants) * len(study.seeds)
-    print(f"study {study.name}: {len(study.variants)} variants x {len(study.seeds)} seeds = {n_runs} runs "
+    rounds = (f", then seeds until resolved, at most {study.stopping.max_seeds} per variant"
+              if study.stopping.until_resolved else "")
+    print(f"study {study.name}: {len(study.variants)} variants x {len(study.seeds)} seeds = {n_runs} runs{rounds} "
           f"-> {out} ({args.executor}" + (f", {workers} workers x {args.threads} thread(s))" if args.executor == "local" else ")"),
           flush=True)
     if args.batch_seeds > 1 and all(c.train.device == "cpu" for c in study.variants.values()):

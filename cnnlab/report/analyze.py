@@ -13,6 +13,7 @@ import numpy as np
 
 from cnnlab import stats
 from cnnlab.report.collect import Run, Study, Variant, load_predictions
+from cnnlab.study import Comparison, decide_all
 
 GAP_WARN_PTS = 2.0  # warn when eval-mode test accuracy is this far below train-mode, on average
 MAX_MISCLASSIFIED = 25
@@ -57,12 +58,18 @@ class VariantStats:
 @dataclass
 class ComparisonStats:
     name: str
-    a: str
-    b: str
-    paired: stats.Paired
-    p_holm: float
-    m: int  # comparisons with a test, for Holm
+    comparison: Comparison
+    paired: stats.Paired  # unadjusted, fixed-n: shown labelled as such
+    decision: stats.Decision  # the verdict and the interval it uses
     verdict: str
+
+    @property
+    def a(self) -> str:
+        return self.comparison.label_a
+
+    @property
+    def b(self) -> str:
+        return self.comparison.label_b
 
 
 @dataclass
@@ -79,6 +86,16 @@ class Diagnostics:
 
 
 @dataclass
+class GridStats:
+    """The factorial analysis of a [grid] study in one eval mode, or why there is none."""
+
+    mode: str  # "eval" | "train"
+    values: dict[str, dict[int, float]]  # grid variant -> seed -> accuracy in that mode
+    factorial: Any = None  # cnnlab.factorial.Factorial
+    error: str = ""
+
+
+@dataclass
 class Analysis:
     variants: dict[str, VariantStats]
     comparisons: list[ComparisonStats]
@@ -87,6 +104,7 @@ class Analysis:
     warnings: list[tuple[str, float]]  # (variant, mean gap) for eval far below train mode
     finished: int
     planned: int
+    grid: list[GridStats] = field(default_factory=list)  # eval mode first; empty without a [grid]
 
 
 def _num(x: Any) -> float | None:
@@ -162,13 +180,34 @@ def variant_stats(v: Variant) -> VariantStats:
 
 
 def compare(study: Study, vstats: dict[str, VariantStats], key: str = "acc") -> list[ComparisonStats]:
-    """Paired comparisons on one accuracy per seed: `acc` (headline), `acc_eval` or `acc_train`."""
-    pairs = [(name, a, b, stats.paired(getattr(vstats[a], key), getattr(vstats[b], key)))
-             for name, (a, b) in study.comparisons.items()]
-    adjusted = stats.holm([p.p for *_, p in pairs])
-    m = sum(1 for *_, p in pairs if not math.isnan(p.p))
-    return [ComparisonStats(name, a, b, pr, ph, m, stats.verdict(name, pr, ph))
-            for (name, a, b, pr), ph in zip(pairs, adjusted)]
+    """The study's comparisons as one family, on one accuracy per seed: `acc` (headline),
+    `acc_eval` or `acc_train`; sequential intervals when the study ran until resolved."""
+    acc = {name: getattr(vs, key) for name, vs in vstats.items()}
+    decided = decide_all(study.comparisons, acc, study.sequential)
+    out = []
+    for name, c in study.comparisons.items():
+        pr, d = decided[name]
+        out.append(ComparisonStats(name, c, pr, d, stats.verdict_text(c.label_a, c.label_b, d)))
+    return out
+
+
+def grid_stats(study: Study, vstats: dict[str, VariantStats]) -> list[GridStats]:
+    """Main effects and two-factor interactions of a [grid] study, seed as block, in both eval modes."""
+    if not study.grid or not study.cells:
+        return []
+    from cnnlab.errors import CnnlabError
+    from cnnlab.factorial import analyze_grid
+
+    out = []
+    for mode, key in (("eval", "acc_eval"), ("train", "acc_train")):
+        values = {v: getattr(vstats[v], key) for v in study.cells if v in vstats}
+        g = GridStats(mode, values)
+        try:
+            g.factorial = analyze_grid(study.grid, study.cells, values)
+        except CnnlabError as e:
+            g.error = str(e)
+        out.append(g)
+    return out
 
 
 def _pred_key(run: Run) -> str:
@@ -224,4 +263,5 @@ def analyze(study: Study) -> Analysis:
         warnings=warnings,
         finished=sum(len(vs.finished_seeds) for vs in vstats.values()),
         planned=sum(vs.planned for vs in vstats.values()),
+        grid=grid_stats(study, vstats),
     )

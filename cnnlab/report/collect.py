@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.study import Comparison, Stopping, comparison_from, stopping_from
 
 STATUSES = ("done", "failed", "missing", "invalid")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
@@ -76,9 +77,16 @@ class Study:
     name: str
     seeds: list[int]
     variants: dict[str, Variant]  # in study.json order
-    comparisons: dict[str, tuple[str, str]]  # in study.json order
+    comparisons: dict[str, Comparison]  # in study.json order
     command: str
     versions: dict[str, Any]
+    stopping: Stopping = field(default_factory=Stopping)
+    grid: dict[str, list] = field(default_factory=dict)  # factor -> levels, for a [grid] study
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid variant -> {factor: level}
+
+    @property
+    def sequential(self) -> bool:
+        return self.stopping.until_resolved
 
     @property
     def runs(self) -> list[Run]:
@@ -117,23 +125,27 @@ def load_study(path: Path) -> Study:
     comparisons_raw = data.get("comparisons", {})
     if not isinstance(comparisons_raw, dict):
         raise _fail(sj, f"`comparisons` must be an object, got {comparisons_raw!r}")
-    comparisons: dict[str, tuple[str, str]] = {}
-    for name, pair in comparisons_raw.items():
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise _fail(sj, f"comparison {name!r} must be [variant_a, variant_b], got {pair!r}")
-        unknown = [x for x in pair if x not in data["variants"]]
-        if unknown:
-            raise _fail(sj, f"comparison {name!r} names unknown variant(s) {', '.join(unknown)}; "
-                            f"variants: {', '.join(data['variants'])}")
-        comparisons[name] = (pair[0], pair[1])
+    try:
+        comparisons = {name: comparison_from(value, f"comparison {name!r}", data["variants"])
+                       for name, value in comparisons_raw.items()}
+        stopping = stopping_from(data.get("stopping", {}), "stopping")
+    except ConfigError as e:
+        raise _fail(sj, str(e)) from e
+    per_variant = data.get("variant_seeds") if isinstance(data.get("variant_seeds"), dict) else {}
     variants = {}
     for name, config in data["variants"].items():
         if not isinstance(config, dict):
             raise _fail(sj, f"variant {name!r}: expected a config object, got {config!r}")
-        variants[name] = _load_variant(path, name, config, sorted(set(seeds)))
+        vseeds = per_variant.get(name, seeds)
+        if not (isinstance(vseeds, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in vseeds)):
+            raise _fail(sj, f"`variant_seeds` of {name!r} must be a list of integers, got {vseeds!r}")
+        variants[name] = _load_variant(path, name, config, sorted(set(vseeds)))
     versions = data.get("versions") if isinstance(data.get("versions"), dict) else {}
     command = data.get("command") if isinstance(data.get("command"), str) else ""
-    return Study(path, data["name"], sorted(set(seeds)), variants, comparisons, command, versions)
+    grid = data.get("grid") if isinstance(data.get("grid"), dict) else {}
+    cells = data.get("cells") if isinstance(data.get("cells"), dict) else {}
+    all_seeds = sorted(set(seeds).union(*(set(r.seed for r in v.runs) for v in variants.values())))
+    return Study(path, data["name"], all_seeds, variants, comparisons, command, versions, stopping, grid, cells)
 
 
 def _load_variant(study: Path, name: str, config: dict, seeds: list[int]) -> Variant:

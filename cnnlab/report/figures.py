@@ -37,6 +37,7 @@ class Figures:
     accuracy: dict[str, Fig] = field(default_factory=dict)
     example: dict[str, Fig] = field(default_factory=dict)
     example_note: dict[str, str] = field(default_factory=dict)  # why an example has no image
+    interaction: dict[tuple[str, str, str], Fig] = field(default_factory=dict)  # (mode, a, b) -> plot
     compare: dict[str, Fig] = field(default_factory=dict)
     confusion: Fig | None = None
     misclassified: Fig | None = None
@@ -158,8 +159,9 @@ def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
     # overlaid validation accuracy per comparison
     cslug = slugs([c.name for c in an.comparisons], "compare")
     for comp in an.comparisons:
+        variants = comp.comparison.variants if len(comp.comparison.a) == 1 else ()  # not for a contrast
         lines = [(f"{x} (n = {len(an.variants[x].finished_seeds)})", an.variants[x].curves["val_acc"])
-                 for x in (comp.a, comp.b) if "val_acc" in an.variants[x].curves]
+                 for x in variants if "val_acc" in an.variants[x].curves]
         if lines:
             figs.compare[comp.name] = figs.add(Fig(
                 f"{cslug[comp.name]}.png",
@@ -167,6 +169,23 @@ def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
                              foot, f"{comp.name}: {comp.a} vs {comp.b}"),
                 f"validation accuracy of {comp.a} and {comp.b}",
                 f"Validation accuracy per epoch, {comp.a} vs {comp.b} ({band}). {foot}"))
+
+    # interaction plots of a [grid] study: one per pair of factors and eval mode
+    for g in an.grid:
+        if g.factorial is None:
+            continue
+        from itertools import combinations
+
+        from cnnlab.report.interaction import interaction_figure
+
+        for fa, fb in combinations(g.factorial.factors, 2):
+            name = f"interaction-{g.mode}-{slugs([fa], 'f')[fa]}-{slugs([fb], 'f')[fb]}.png"
+            fig = interaction_figure(g.factorial, g.values, study.cells, fa, fb,
+                                     ylabel=f"test accuracy, {g.mode} mode (%)")
+            figs.interaction[(g.mode, fa, fb)] = figs.add(Fig(
+                name, plots.png(fig), f"interaction plot of {fa} and {fb}, {g.mode} mode",
+                f"Mean test accuracy ({g.mode} mode) of each cell of the grid, one line per level of {fa}, "
+                f"with 95% t-intervals over seeds. Parallel lines: {fa}'s effect does not depend on {fb}. {foot}"))
 
     # diagnostics of the best variant
     d = an.diagnostics

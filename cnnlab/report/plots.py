@@ -62,7 +62,7 @@ def _figure(width: float, height: float, footer: str, *, left: float = 0.8, righ
     return fig
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     with _style():
         fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
@@ -91,7 +91,7 @@ def curves(panels: Sequence[dict], footer: str, title: str = "", width_per_panel
             ax.legend(loc="best")
         if title:
             fig.suptitle(title)
-    return _png(fig)
+    return png(fig)
 
 
 # ---------------------------------------------------------------------------- confusion
@@ -117,7 +117,7 @@ def confusion(matrix: np.ndarray, class_names: Sequence[str], footer: str, title
                             color="white" if matrix[i, j] > top / 2 else "black")
         if title:
             ax.set_title(title)
-    return _png(fig)
+    return png(fig)
 
 
 # ---------------------------------------------------------------------------- images
@@ -138,7 +138,7 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], footer: st
                 ax.set_title(captions[k], fontsize=8)
         if title:
             fig.suptitle(title)
-    return _png(fig)
+    return png(fig)
 
 
 def example(image: np.ndarray | None, caption: str, top_k: Sequence[tuple[str, float]], footer: str,
@@ -165,4 +165,4 @@ def example(image: np.ndarray | None, caption: str, top_k: Sequence[tuple[str, f
             ax.text(min(p + 0.02, 0.8), y, f"{p:.3f}", va="center", fontsize=8)
         if title:
             fig.suptitle(title)
-    return _png(fig)
+    return png(fig)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from cnnlab import stats
 from cnnlab.report.analyze import GAP_WARN_PTS, Analysis, ComparisonStats, VariantStats
 from cnnlab.report.collect import Study
+from cnnlab.study import format_level
 
 if TYPE_CHECKING:
     from cnnlab.report.figures import Fig, Figures
@@ -184,55 +185,77 @@ def variants_table(study: Study, an: Analysis) -> Table:
                   "mean wall time (s)"), rows, "lrlrrrrr")
 
 
-def comparisons_overview(an: Analysis) -> Table:
-    rows = [(c.name, c.a, c.b, signed(c.paired.mean_diff), interval(c.paired.ci_low, c.paired.ci_high, c.paired.n),
-             c.paired.n, stats.format_p(c.paired.p), stats.format_p(c.p_holm), c.paired.seeds_needed_text)
+KIND_WORDS = {"a": "A better", "b": "B better", "equivalent": "equivalent", "undetermined": "undetermined"}
+
+
+def _ci(d: stats.Decision) -> str:
+    return stats.interval_text(d.ci_low, d.ci_high)
+
+
+def verdict_table(an: Analysis) -> Table:
+    """The report's lead: each question, its verdict, the interval it rests on, the seeds it took."""
+    rows = [(c.name, c.a, c.b, stats.verdict_text(c.a, c.b, c.decision, detail=False), signed(c.decision.diff),
+             _ci(c.decision), c.decision.n)
             for c in an.comparisons]
-    return table(("comparison", "A", "B", "A − B (pts)", "95% CI", "matched seeds", "p", "Holm p",
-                  "seeds needed"), rows, "lllrrrrrr")
+    level = an.comparisons[0].decision.level if an.comparisons else 0.95
+    return table(("question", "A", "B", "verdict", "A − B (pts)", f"{level:.2%} interval".replace(".00%", "%"),
+                  "seeds"), rows, "llllrrr")
+
+
+def comparisons_overview(an: Analysis) -> Table:
+    rows = [(c.name, c.a, c.b, signed(c.decision.diff), _ci(c.decision), stats.format_p(c.decision.p),
+             KIND_WORDS[c.decision.kind], c.paired.n, interval(c.paired.ci_low, c.paired.ci_high, c.paired.n),
+             stats.format_p(c.paired.p))
+            for c in an.comparisons]
+    return table(("comparison", "A", "B", "A − B (pts)", "interval (adjusted)", "adjusted p", "verdict",
+                  "matched seeds", "unadjusted fixed-n 95% CI", "unadjusted p"), rows, "lllrrrlrrr")
 
 
 def comparisons_by_mode(an: Analysis) -> Table:
     def cell(c: ComparisonStats) -> tuple[str, str]:
-        return (f"{signed(c.paired.mean_diff)} {interval(c.paired.ci_low, c.paired.ci_high, c.paired.n)}",
-                stats.format_p(c.p_holm))
+        return f"{signed(c.decision.diff)} {_ci(c.decision)}", f"{KIND_WORDS[c.decision.kind]} ({c.decision.n})"
 
     rows = [(e.name, e.a, e.b, *cell(e), *cell(t)) for e, t in zip(an.by_mode["eval"], an.by_mode["train"])]
-    return table(("comparison", "A", "B", "eval mode: A − B [95% CI]", "Holm p",
-                  "train mode (lab's way): A − B [95% CI]", "Holm p"), rows, "lllrrrr")
+    return table(("comparison", "A", "B", "eval mode: A − B [interval]", "verdict (seeds)",
+                  "train mode (lab's way): A − B [interval]", "verdict (seeds)"), rows, "lllrlrl")
 
 
 def comparison_table(c: ComparisonStats, an: Analysis) -> Table:
-    pr = c.paired
-    sa, sb = an.variants[c.a].summary, an.variants[c.b].summary
+    pr, d = c.paired, c.decision
+    rows = [(f"A = {v}: test accuracy", an.variants[v].summary.describe()) for v in c.comparison.a]
+    rows += [(f"B = {v}: test accuracy", an.variants[v].summary.describe()) for v in c.comparison.b]
     matched = f"{pr.n} ({seeds_text(pr.seeds)})" if pr.n else "0"
     dz = DASH if not (isinstance(pr.effect_size, float) and not math.isnan(pr.effect_size)) else (
         "∞ (identical differences)" if math.isinf(pr.effect_size) else f"{pr.effect_size:.2f}")
-    rows = [
-        (f"A = {c.a}: test accuracy", sa.describe()),
-        (f"B = {c.b}: test accuracy", sb.describe()),
-        ("matched seeds (finished on both sides)", matched),
+    rows += [
+        ("matched seeds (finished on every side)", matched),
         ("paired difference A − B", f"{signed(pr.mean_diff)} pts"),
-        ("95% CI of the difference", interval(pr.ci_low, pr.ci_high, pr.n)),
+        (f"interval the verdict uses: {d.method}", _ci(d)),
+        ("adjusted p (agrees with that interval)", stats.format_p(d.p)),
+        ("equivalence margin", f"±{d.margin:g} pts"),
+        ("unadjusted fixed-n 95% t-interval (for reference only)", interval(pr.ci_low, pr.ci_high, pr.n)),
+        ("unadjusted paired t-test p (for reference only)", stats.format_p(pr.p)),
         ("sd of the differences", "n/a (1 seed)" if pr.n == 1 else num(pr.sd_diff)),
         ("effect size dz (mean / sd of differences)", dz),
-        ("paired t-test p (two-sided)", stats.format_p(pr.p)),
-        (f"Holm p (over {_plural(c.m, 'comparison')})", stats.format_p(c.p_holm)),
-        ("seeds needed (80% power, α = 0.05)", pr.seeds_needed_text),
         ("verdict", c.verdict),
     ]
     return table(("quantity", "value"), rows, "ll")
 
 
 def comparison_seeds_table(study: Study, c: ComparisonStats, an: Analysis) -> Table:
-    va, vb = an.variants[c.a], an.variants[c.b]
     status = {(r.variant, r.seed): r.status for r in study.runs}
-    rows = []
-    for seed in study.seeds:
-        a = num(va.acc[seed]) if seed in va.acc else status.get((c.a, seed), "missing")
-        b = num(vb.acc[seed]) if seed in vb.acc else status.get((c.b, seed), "missing")
-        d = signed(va.acc[seed] - vb.acc[seed]) if seed in va.acc and seed in vb.acc else "not paired"
-        rows.append((seed, a, b, d))
+    acc = {v: an.variants[v].acc for v in c.comparison.variants}
+    side_a, side_b = c.comparison.sides(acc)
+
+    def cell(side: tuple[str, ...], values: dict[int, float], seed: int) -> str:
+        if seed in values:
+            return num(values[seed])
+        return ", ".join(f"{v}: {status.get((v, seed), 'missing')}" for v in side if seed not in acc[v])
+
+    seeds = sorted({r.seed for v in c.comparison.variants for r in study.variants[v].runs})
+    rows = [(seed, cell(c.comparison.a, side_a, seed), cell(c.comparison.b, side_b, seed),
+             signed(side_a[seed] - side_b[seed]) if seed in side_a and seed in side_b else "not paired")
+            for seed in seeds]
     return table(("seed", f"A = {c.a} (%)", f"B = {c.b} (%)", "A − B (pts)"), rows, "rrrr")
 
 
@@ -264,8 +287,8 @@ def document(study: Study, an: Analysis, figs: "Figures", summaries: dict[str, s
     out: list = [Heading(1, f"Study report: {study.name}")]
     out.append(Para("Everything below is read from the results stored in this directory; nothing was "
                     "trained or re-evaluated to write it. Accuracies are in %, differences in percentage "
-                    "points (pts). Intervals are 95% t-intervals over seeds, and every number says how "
-                    "many seeds (n) it rests on."))
+                    "points (pts). A variant's interval is the 95% t-interval over its seeds; a comparison's is "
+                    "the one its verdict uses (see Verdicts). Every number says how many seeds (n) it rests on."))
     out.append(table(("protocol", ""), protocol(study, an), "ll"))
     unfinished = [r for r in study.runs if not r.finished]
     if unfinished:
@@ -276,6 +299,8 @@ def document(study: Study, an: Analysis, figs: "Figures", summaries: dict[str, s
     if len(modes) > 1:
         out.append(Callout("warning", "runs use different headline eval modes "
                            f"({_distinct(modes)}); their test accuracies are not directly comparable"))
+    out += _verdicts(study, an)
+    out += _factorial(study, an, figs)
     out += _overview(study, an)
     out += _comparisons(study, an, figs)
     out += _variants(study, an, figs, summaries)
@@ -289,9 +314,78 @@ def _overview(study: Study, an: Analysis) -> list:
     out.append(Para(f"Test accuracy in the headline eval mode, per variant, over finished seeds. "
                     f"n adds up to {an.finished} finished runs of {an.planned}."))
     out.append(variants_table(study, an))
-    if an.comparisons:
-        out.append(Para("Verdicts:"))
-        out.append(Bullets(tuple(c.verdict + "." for c in an.comparisons)))
+    return out
+
+
+METHOD_SEQUENTIAL = (
+    "How to read the verdicts. Seeds were added in rounds, and after each round every comparison was "
+    "checked; a comparison stopped getting seeds once it was resolved. Looking again and again would make "
+    "an ordinary confidence interval lie (keep looking and a 95% interval will sooner or later miss), so "
+    "each interval here is an anytime-valid confidence sequence: it stays right with the stated "
+    "probability however many times it is looked at and whenever the study stops. It comes from the "
+    "e-value of the safe t-test (Grünwald, de Heide & Koolen, \"Safe testing\", JRSS B 2024; Pérez-Ortiz "
+    "et al., Ann. Statist. 2024). It is wider than a fixed-n interval, which is the price of stopping early. ")
+METHOD_FIXED = (
+    "How to read the verdicts. The number of seeds was fixed before the study ran, and each interval is "
+    "the paired t-interval over the seeds both sides finished. ")
+METHOD_COMMON = (
+    "Because the study asks {m} questions at once, each interval has confidence {level} (Bonferroni), so "
+    "that all of them hold together with at least 95% probability. A verdict reads the interval: above 0, "
+    "A is better; below 0, B is better; inside ±margin, the two are equivalent for practical purposes; "
+    "otherwise the seeds are not enough to say, and the study says about how many more would be.")
+
+
+def _verdicts(study: Study, an: Analysis) -> list:
+    out: list = [Heading(2, "Verdicts")]
+    if not an.comparisons:
+        return out + [Para("The study defines no comparisons.")]
+    out.append(verdict_table(an))
+    d0 = an.comparisons[0].decision
+    open_ = [c for c in an.comparisons if not c.decision.resolved]
+    if study.sequential:
+        budget = study.stopping.max_seeds
+        if not open_:
+            out.append(Para(f"Seeds until resolved: every comparison is resolved (budget: at most {budget} seeds "
+                            "per variant)."))
+        else:
+            out.append(Callout("note", f"Seeds until resolved: the budget of {budget} seeds per variant is spent "
+                               f"(or its runs failed) with {_plural(len(open_), 'comparison')} still undetermined: "
+                               + ", ".join(c.name for c in open_) + ". Raise --max-seeds to continue; finished runs "
+                               "are kept."))
+    out.append(Para((METHOD_SEQUENTIAL if study.sequential else METHOD_FIXED)
+                    + METHOD_COMMON.format(m=d0.m, level=f"{d0.level:.2%}".replace(".00%", "%"))))
+    return out
+
+
+def _factorial(study: Study, an: Analysis, figs: "Figures") -> list:
+    if not an.grid:
+        return []
+    factors = ", ".join(f"{f} ({', '.join(format_level(x) for x in levels)})" for f, levels in study.grid.items())
+    out: list = [Heading(2, "Factorial analysis"), Para(
+        f"The grid crosses {factors}. Each eval mode gets a two-way analysis of its accuracies with seed as a "
+        "block (a seed fixes the split and the initial weights of every cell): main effects and every "
+        "two-factor interaction, tested with heteroscedasticity-robust (HC3) errors, because the cells' "
+        "spreads differ a lot. An interaction means one factor's effect depends on the level of the other."
+        + (" These tests are fixed-n analyses of the seeds the sequential study took; the verdicts above, "
+           "not these p-values, carry the error control of seeds until resolved." if study.sequential else ""))]
+    for g in an.grid:
+        out.append(Heading(3, f"{g.mode} mode" + (" (model.eval())" if g.mode == "eval" else " (the lab's way)")))
+        fac = g.factorial
+        if fac is None:
+            out.append(Callout("note", f"No factorial analysis in {g.mode} mode: {g.error}"))
+            continue
+        out.append(Bullets(tuple(t.verdict for t in fac.terms)))
+        out.append(table(("term", "F", "df", f"{'robust ' if fac.robust != 'classical' else ''}p"),
+                         [(t.name, num(t.stat), f"{t.df_num}, {t.df_den}", stats.format_p(t.p))
+                          for t in fac.terms], "lrrr"))
+        out.append(table(("effect (pts)", "kind", "estimate", "95% CI", "p"),
+                         [(e.label, e.kind, signed(e.estimate), interval(e.ci_low, e.ci_high, 2),
+                           stats.format_p(e.p)) for e in fac.effects], "llrrr"))
+        for note in fac.notes:
+            out.append(Callout("note", note))
+        for (mode, _, _), fig in figs.interaction.items():
+            if mode == g.mode:
+                out += _fig(fig)
     return out
 
 
@@ -301,10 +395,10 @@ def _comparisons(study: Study, an: Analysis, figs: "Figures") -> list:
         return out + [Para("The study defines no comparisons.")]
     out.append(Para(
         "Each comparison is paired by seed: seed s of A and seed s of B share the data split and the "
-        "random streams, so only seeds finished on both sides count. p is the two-sided paired t-test; "
-        f"Holm p corrects it for the study's {_plural(len(an.comparisons), 'comparison')} (Holm–Bonferroni). "
-        "\"Seeds needed\" is the number of seeds a paired t-test needs to detect a difference of the "
-        "observed size with 80% power at α = 0.05 (noncentral t)."))
+        "random streams, so only seeds finished on both sides count. A side may be a difference of two "
+        "variants (an interaction: does A1 − A2 differ from B1 − B2?). The adjusted interval and p are the "
+        "ones the verdict uses (see Verdicts); the unadjusted fixed-n interval and p are shown for "
+        "reference only and support no verdict."))
     out.append(comparisons_overview(an))
     out.append(Para(
         "The same comparisons in both evaluation modes: eval mode (model.eval(), the correct way) and "
