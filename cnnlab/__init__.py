@@ -25,3 +25,18 @@ def versions() -> dict:
 
     return {"cnnlab": __version__, "torch": version("torch"), "numpy": version("numpy"),
             "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7B13"), or the machine type when the OS does not say.
+    Float rounding, and with it the accuracies of fragile networks, can move with it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == "model name":
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

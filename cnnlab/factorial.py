@@ -550,11 +550,11 @@ def _wald(Lb: np.ndarray, M: np.ndarray, q: int) -> float:
 # ---------------------------------------------------------------------------- verdicts
 
 def _p(p: float) -> str:
-    if not math.isfinite(p):
-        return "n/a"
-    if p < 0.001:
-        return "< 0.001"
-    return f"= {p:.2g}" if p < 0.01 else f"= {p:.2f}" if p >= 0.1 else f"= {p:.3f}"
+    """'= 0.041', '< 0.001' or 'n/a': cnnlab.stats.format_p after a p."""
+    from cnnlab.stats import format_p
+
+    text = format_p(p)
+    return text if text[0] in "<n" else f"= {text}"
 
 
 def _f(F: float) -> str:

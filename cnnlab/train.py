@@ -22,7 +22,6 @@ import csv
 import io
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import fastops, native, versions
+from cnnlab import cpu_model, fastops, native, versions
 from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
@@ -71,7 +70,7 @@ def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
     if dev.type == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
     return str(dev)
 
 

@@ -250,7 +250,7 @@ def test_failed_and_missing_runs_shown_and_excluded(built):
     assert rows["2c3f"][1] == "3" and rows["2c3f"][2] == "1 missing"
     assert rows["bn"][1] == "4" and rows["bn"][2] == "0"
     seeds = _section(md, "### BN vs no BN: bn vs no-bn")
-    assert "matched seeds (finished on both sides) | 3 (0, 1, 3)" in re.sub(r" +", " ", seeds)
+    assert "matched seeds (finished on every side) | 3 (0, 1, 3)" in re.sub(r" +", " ", seeds)
     assert re.search(r"\|\s+2 \|\s+\d+\.\d\d \|\s+failed \|\s+not paired \|", seeds)
 
 
@@ -271,34 +271,44 @@ def test_variants_table_adds_up(built):
         assert float(r[7]) == pytest.approx(np.mean(walls), abs=0.05)
 
 
-def test_comparisons_match_stats_and_holm(built):
+def test_comparisons_match_stats_and_verdicts(built):
     res, md = built["results"], built["text"]
     acc = {v: {s: r["test_accuracy"] for (vv, s), r in _finished(res, v).items()} for v in VARIANTS}
     prs = {k: stats.paired(acc[a], acc[b]) for k, (a, b) in COMPARISONS.items()}
-    holm = dict(zip(prs, stats.holm([p.p for p in prs.values()])))
+    # a fixed-n study of 3 comparisons: Bonferroni t-intervals at 1 - 0.05/3
+    decided = {k: stats.decide(pr, 0.5, m=3) for k, pr in prs.items()}
+    verdicts = {r[0]: r for r in _tables(_section(md, "## Verdicts"))[0][1:]}
     for k, (a, b) in COMPARISONS.items():
+        d = decided[k]
         sec = _section(md, f"### {k}: {a} vs {b}")
-        assert stats.verdict(k, prs[k], holm[k]) in sec
-        assert stats.verdict(k, prs[k], holm[k]) + "." in _section(md, "## Overview")
-        assert "| Holm p (over 3 comparisons)" in sec
-        assert stats.format_p(holm[k]) in sec
-    # the fake study has one clear difference and one within seed noise
-    assert "2 conv vs 3 conv: +" in md and "distinguishable from seed noise (Holm p" in md
-    assert "BN vs no BN" in md and "not distinguishable from seed noise with 3 seeds" in md
+        assert stats.verdict_text(a, b, d) in sec
+        assert "| adjusted p (agrees with that interval)" in sec and stats.format_p(d.p) in sec
+        assert "interval the verdict uses: 98.33% fixed-n t interval (Bonferroni over 3)" in sec
+        assert d.p == pytest.approx(min(1.0, 3 * prs[k].p))
+        row = verdicts[k]
+        assert row[3] == stats.verdict_text(a, b, d, detail=False)
+        assert row[5] == stats.interval_text(d.ci_low, d.ci_high) and row[6] == str(d.n)
+    # with 2-3 seeds and a Bonferroni family of 3, only the exactly constant difference resolves
+    assert {k: d.kind for k, d in decided.items()} == {"BN vs no BN": "undetermined",
+                                                       "2 conv vs 3 conv": "undetermined", "2 conv vs BN": "a"}
+    assert "undetermined after 3 seeds" in md and "2c3f better by 4.50 pts" in md
+    # the report leads with the verdicts, before the overview
+    assert md.index("## Verdicts") < md.index("## Overview") < md.index("## Comparisons")
 
 
 def test_comparisons_in_both_eval_modes(built):
     res, md = built["results"], built["text"]
-    table = next(t for t in _tables(_section(md, "## Comparisons")) if "Holm p" in t[0] and "train mode (lab's way): A − B [95% CI]" in t[0])
+    table = next(t for t in _tables(_section(md, "## Comparisons")) if "train mode (lab's way): A − B [interval]" in t[0])
     rows = {r[0]: r for r in table[1:]}
     for mode, col in (("eval", 3), ("train", 5)):
         acc = {v: {s: r[f"test_accuracy_{mode}"] for (vv, s), r in _finished(res, v).items()} for v in VARIANTS}
         prs = {k: stats.paired(acc[a], acc[b]) for k, (a, b) in COMPARISONS.items()}
-        holm = dict(zip(prs, stats.holm([p.p for p in prs.values()])))
         for k, pr in prs.items():
             name = next(r for r in rows if r == k or r.startswith(k))
             assert rows[name][col].startswith(f"{pr.mean_diff:+.2f} ["), (mode, k)
-            assert rows[name][col + 1] == stats.format_p(holm[k])
+            d = stats.decide(pr, 0.5, m=3)
+            assert rows[name][col].endswith(stats.interval_text(d.ci_low, d.ci_high))
+            assert rows[name][col + 1] == f"{render.KIND_WORDS[d.kind]} ({d.n})"
 
 
 def test_diagnostics(built):
@@ -507,7 +517,7 @@ def test_study_json_naming_an_unknown_variant(tmp_path):
     data = json.loads(sj.read_text())
     data["comparisons"] = {"x": ["bn", "nope"]}
     sj.write_text(json.dumps(data))
-    with pytest.raises(CnnlabError, match="names unknown variant"):
+    with pytest.raises(CnnlabError, match="unknown variant"):
         build_report(info["dir"])
 
 
@@ -580,7 +590,8 @@ def test_report_with_no_finished_run(tmp_path):
     assert "0 of 2 runs finished" in md
     rows = {r[0]: r for r in _tables(_section(md, "## Overview"))[0][1:]}
     assert rows["bn"][1:3] == ["0", "1 missing"] and rows["no-bn"][1:3] == ["0", "1 failed"]
-    assert "BN vs no BN: no seed finished on both sides, so there is nothing to compare" in md
+    verdicts = {r[0]: r for r in _tables(_section(md, "## Verdicts"))[0][1:]}
+    assert verdicts["BN vs no BN"][3] == "no seed finished on both sides"
     assert "No finished runs: nothing to diagnose." in md
     assert "(no summary: no finished run records the input shape and number of classes)" in md
 
@@ -622,3 +633,36 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
         small = small.quantize(colors=128, method=Image.Quantize.MEDIANCUT)
         small.save(out, optimize=True)
         assert out.stat().st_size < 300_000
+
+
+def test_a_grid_study_gets_the_factorial_analysis_in_both_modes(tmp_path):
+    cells = {"bn=true,conv=3": ("lab2-3c3f-bn", 86.0, 3.0), "bn=false,conv=3": ("lab2-3c3f", 90.0, 0.5),
+             "bn=true,conv=2": ("lab2-2c3f", 93.0, 1.0), "bn=false,conv=2": ("lab2-2c2f", 93.2, 0.5)}
+    info = make_study(tmp_path, variants=cells, comparisons={}, seeds=[0, 1, 2, 3, 4])
+    sj = info["dir"] / "study.json"
+    data = json.loads(sj.read_text())
+    data["grid"] = {"bn": [True, False], "conv": [3, 2]}
+    data["cells"] = {v: {"bn": v.startswith("bn=true"), "conv": int(v[-1])} for v in cells}
+    sj.write_text(json.dumps(data))
+    md_path, _ = build_report(info["dir"])
+    md = md_path.read_text()
+    sec = _section(md, "## Factorial analysis")
+    assert "The grid crosses bn (true, false), conv (3, 2)." in sec
+    for mode, words in (("eval", "(model.eval())"), ("train", "(the lab's way)")):
+        part = _section(sec, f"### {mode} mode {words}")
+        terms = {r[0]: r for r in _tables(part)[0][1:]}
+        assert set(terms) == {"bn", "conv", "bn:conv"}
+        # the numbers are cnnlab.factorial's on this mode's accuracies
+        from cnnlab.factorial import analyze_grid
+
+        values = {v: {s: r[f"test_accuracy_{mode}"] for (vv, s), r in info["results"].items() if vv == v}
+                  for v in cells}
+        fac = analyze_grid(data["grid"], data["cells"], values)
+        assert terms["bn:conv"][3] == stats.format_p(fac.term("bn:conv").p)
+        assert fac.term("bn:conv").verdict in part
+        assert f"interaction-{mode}-" in part
+    assert len(list((info["dir"] / "report_files").glob("interaction-*.png"))) == 2
+    # rebuilt from the stored results: byte for byte
+    before = md_path.read_bytes()
+    build_report(info["dir"])
+    assert md_path.read_bytes() == before

@@ -140,3 +140,105 @@ def test_an_interaction_contrast_is_one_paired_difference_per_seed():
     pr = stats.paired(a, b)
     assert pr.n == 2 and pr.mean_diff == pytest.approx((9.0 + 10.5) / 2)
     assert c.label_a == "(a1 − a2)"
+
+
+# ---------------------------------------------------------------------------- a real study
+
+SEQ = """
+name = "seq"
+seeds = 2
+[base]
+data = {{ name = "idx:{data}", val_size = 100 }}
+model = {{ preset = "lab2-2c2f" }}
+train = {{ epochs = 1, threads = 1 }}
+[variants]
+a = {{}}
+b = {{ model = {{ preset = "lab2-2c3f" }} }}
+c = {{ model = {{ preset = "lab2-2c3f", conv_dropout = 0.25 }} }}
+[comparisons]
+fc = ["b", "a"]
+"""
+
+
+def _results(out):
+    return {str(p.parent.relative_to(out / "runs")): p.stat().st_mtime_ns
+            for p in sorted((out / "runs").glob("*/seed-*/result.json"))}
+
+
+def test_a_study_until_resolved_stops_continues_and_reruns_as_a_noop(tmp_path, idx_dir, capsys):
+    from cnnlab.cli import main
+
+    study, out = tmp_path / "seq.toml", tmp_path / "out"
+    study.write_text(SEQ.format(data=idx_dir))
+    # 2 seeds give no interval yet, nor 3: the budget of 3 is spent with the comparison open
+    assert main(["study", str(study), "--out", str(out), "--until-resolved", "--max-seeds", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "round 1: 0 of 1 comparisons resolved; next: b seed 2, a seed 2" in text
+    assert "budget spent (max_seeds = 3)" in text
+    first = _results(out)
+    # c is in no comparison: it keeps the first round's seeds only
+    assert sorted(first) == ["a/seed-0", "a/seed-1", "a/seed-2", "b/seed-0", "b/seed-1", "b/seed-2",
+                             "c/seed-0", "c/seed-1"]
+    sj = json.loads((out / "study.json").read_text())
+    assert sj["variant_seeds"] == {"a": [0, 1, 2], "b": [0, 1, 2], "c": [0, 1]}
+    assert sj["stopping"] == {"until_resolved": True, "max_seeds": 3, "step": 1}
+    rep = (out / "report.md").read_text()
+    assert "## Verdicts" in rep and "undetermined after 3 seeds" in rep
+    assert "budget of 3 seeds per variant is spent" in rep
+    # a larger budget continues where the study stopped; finished runs are not trained again
+    assert main(["study", str(study), "--out", str(out), "--until-resolved", "--max-seeds", "4"]) == 0
+    second = _results(out)
+    assert {k: second[k] for k in first} == first
+    assert set(second) - set(first) == {"a/seed-3", "b/seed-3"}
+    # the same again: nothing to train, the report rebuilt byte for byte
+    before = (out / "report.md").read_bytes()
+    assert main(["study", str(study), "--out", str(out), "--until-resolved", "--max-seeds", "4"]) == 0
+    assert "0 runs trained, 8 already finished" in capsys.readouterr().out
+    assert _results(out) == second and (out / "report.md").read_bytes() == before
+    # a sequential study directory cannot be re-read as a fixed-n one
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    assert "run it with --until-resolved" in capsys.readouterr().err
+
+
+def test_bad_stopping_and_comparison_input_is_one_clear_error(tmp_path):
+    from cnnlab.errors import ConfigError
+    from cnnlab.study import study_from_dict
+
+    base = {"name": "x", "variants": {"a": {}, "b": {}}, "comparisons": {"ab": ["a", "b"]}}
+    cases = [
+        ({"stopping": {"until_resolved": "yes"}}, "stopping.until_resolved must be true or false"),
+        ({"stopping": {"max_seeds": 1}}, "stopping.max_seeds must be an integer >= 2"),
+        ({"stopping": {"patience": 3}}, "unknown key(s) patience"),
+        ({"stopping": {"until_resolved": True, "max_seeds": 2}}, "exceed the budget of max_seeds = 2"),
+        ({"stopping": {"until_resolved": True}, "comparisons": {}}, "needs [comparisons]"),
+        ({"margin": -1}, "margin must be a number of percentage points"),
+        ({"comparisons": {"ab": {"a": "a", "b": "b", "margin": "wide"}}}, "comparisons.ab: margin"),
+        ({"comparisons": {"ab": [["a", "b"], "a"]}}, "a difference with a difference"),
+        ({"comparisons": {"ab": [["a", "a"], ["a", "b"]]}}, "a − a is zero"),
+        ({"comparisons": {"ab": ["a", "z"]}}, "unknown variant(s) z"),
+        ({"grid": {"bn": [True, False]}}, "[grid] needs at least two factors"),
+        ({"grid": {"bn": [True, False], "colour": [1, 2]}}, "unknown factor 'colour'"),
+        ({"grid": {"bn": [True], "conv_dropout": [0.25, 0.5]}}, "grid.bn must list two or more levels"),
+        ({"grid": {"bn": [True, False], "lr": [0.001, 0.001]}}, "grid.lr has duplicate levels"),
+    ]
+    for diff, message in cases:
+        with pytest.raises(ConfigError) as e:
+            study_from_dict({**base, **diff}, "s.toml")
+        assert message in str(e.value) and str(e.value).startswith("s.toml")
+
+
+def test_a_grid_expands_into_named_cells_beside_explicit_variants():
+    from cnnlab.study import study_from_dict
+
+    s = study_from_dict({"name": "g", "base": {"model": {"preset": "lab2-3c3f-bn"}},
+                         "grid": {"bn": [True, False], "model.conv_dropout": [0.25, 0.75]},
+                         "variants": {"lab": {"model": {"preset": "lab2-2c2f"}}},
+                         "comparisons": {"i": [["bn=true,conv_dropout=0.75", "bn=false,conv_dropout=0.75"],
+                                               ["bn=true,conv_dropout=0.25", "bn=false,conv_dropout=0.25"]]}})
+    assert list(s.variants) == ["bn=true,conv_dropout=0.25", "bn=true,conv_dropout=0.75",
+                                "bn=false,conv_dropout=0.25", "bn=false,conv_dropout=0.75", "lab"]
+    cell = s.variants["bn=false,conv_dropout=0.75"].model
+    assert not any(b.bn for b in cell.conv + cell.fc) and all(b.dropout == 0.75 for b in cell.conv)
+    assert s.cells["bn=true,conv_dropout=0.25"] == {"bn": True, "model.conv_dropout": 0.25}
+    assert s.grid == {"bn": [True, False], "model.conv_dropout": [0.25, 0.75]}
+    assert s.comparisons["i"].label_a == "(bn=true,conv_dropout=0.75 − bn=false,conv_dropout=0.75)"

@@ -3,7 +3,7 @@
     fig = interaction_figure(fac, values, cells, "bn", "conv_dropout")
 
 x axis: the levels of b; one line per level of a; each point is a cell's mean over its seeds
-with a 95% t-interval (min-max when the cell has fewer than 2 seeds, none with 1). Parallel
+with a 95% t-interval (none when the cell has 1 seed). Parallel
 lines mean no interaction. With 3+ factors a point pools the cells of the other factors
 (their seeds averaged cell by cell first, so each cell weighs the same). Returns a
 matplotlib Figure built without pyplot (no global state); the caller saves it.
@@ -18,18 +18,11 @@ RC = {"font.size": 8, "axes.titlesize": 9, "axes.grid": True, "grid.alpha": 0.3,
 
 
 def _point(samples: list[float]):
-    """(mean, low, high) of per-seed values: a 95% t-interval, min-max for n < 2."""
-    import numpy as np
-    from scipy import stats as st
+    """(mean, low, high) of per-seed values: the 95% t-interval, the value itself for n = 1."""
+    from cnnlab.stats import summarize
 
-    x = np.asarray(samples, dtype=float)
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, float(x.min()), float(x.max())
-    half = float(st.t.ppf(0.975, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return mean, mean - half, mean + half
+    s = summarize(samples)
+    return (s.mean, s.mean, s.mean) if s.n < 2 else (s.mean, s.ci_low, s.ci_high)
 
 
 def interaction_figure(fac, values, cells, a: str, b: str, ylabel: str = "test accuracy (%)"):
@@ -92,7 +85,7 @@ def interaction_figure(fac, values, cells, a: str, b: str, ylabel: str = "test a
         term = next((t for t in fac.terms if t.name == name), None)
         if term is not None and math.isfinite(term.p):
             pw = "p" if fac.robust == "classical" else "robust p"
-            ax.set_title(f"{a} × {b}: interaction F({term.df_num}, {term.df_den}) = {term.stat:.3g}, "
+            ax.set_title(f"{a} × {b}\ninteraction F({term.df_num}, {term.df_den}) = {term.stat:.3g}, "
                          f"{pw} = {term.p:.2g}")
         else:
             ax.set_title(f"{a} × {b}")

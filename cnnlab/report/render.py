@@ -250,6 +250,8 @@ def comparison_seeds_table(study: Study, c: ComparisonStats, an: Analysis) -> Ta
     def cell(side: tuple[str, ...], values: dict[int, float], seed: int) -> str:
         if seed in values:
             return num(values[seed])
+        if len(side) == 1:
+            return status.get((side[0], seed), "missing")
         return ", ".join(f"{v}: {status.get((v, seed), 'missing')}" for v in side if seed not in acc[v])
 
     seeds = sorted({r.seed for v in c.comparison.variants for r in study.variants[v].runs})
