@@ -15,7 +15,7 @@ from pathlib import Path
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.fsutil import atomic_write_json, exclusive
 from cnnlab.study import (Study, Task, check_existing, decide_all, existing_seeds, next_round, read_progress,
-                          read_result, run_state, tasks_for)
+                          read_result, run_state, seeds_text, tasks_for)
 
 
 class Display:
@@ -147,10 +147,6 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
             md, html = build_report(out)
             counts["report"] = str(html)
         return counts
-
-
-def seeds_text(seeds: list[int]) -> str:
-    return ", ".join(map(str, seeds))
 
 
 def _run_round(tasks: list[Task], executor, counts: dict, first: bool) -> None:

@@ -224,6 +224,20 @@ def expand_grid(grid: Any, base: dict, where: str) -> tuple[dict[str, dict], dic
     return tables, factors, cells
 
 
+def seeds_text(seeds) -> str:
+    """[0, 1, 2, 5] -> '0–2, 5'."""
+    seeds = sorted(seeds)
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if j == i else f"{seeds[i]}, {seeds[j]}" if j == i + 1
+                     else f"{seeds[i]}–{seeds[j]}")
+        i = j + 1
+    return ", ".join(parts) or "none"
+
+
 def _int(value: Any, where: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{where} must be an integer >= {low}, got {value!r}")

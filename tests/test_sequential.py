@@ -193,7 +193,7 @@ def test_a_study_until_resolved_stops_continues_and_reruns_as_a_noop(tmp_path, i
     # the same again: nothing to train, the report rebuilt byte for byte
     before = (out / "report.md").read_bytes()
     assert main(["study", str(study), "--out", str(out), "--until-resolved", "--max-seeds", "4"]) == 0
-    assert "0 runs trained, 8 already finished" in capsys.readouterr().out
+    assert "0 runs trained, 10 already finished" in capsys.readouterr().out
     assert _results(out) == second and (out / "report.md").read_bytes() == before
     # a sequential study directory cannot be re-read as a fixed-n one
     assert main(["study", str(study), "--out", str(out)]) == 2

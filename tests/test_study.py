@@ -50,7 +50,7 @@ def test_tiny_study_end_to_end_then_rerun_is_a_noop(tmp_path, idx_dir, capsys):
     assert all(r["status"] == "done" for r in res.values())
     assert {r["seed"] for r in res.values()} == {0, 1}
     resolved = json.loads((out / "study.json").read_text())
-    assert resolved["seeds"] == [0, 1] and resolved["comparisons"] == {"fc": ["b", "a"]}
+    assert resolved["seeds"] == [0, 1] and resolved["comparisons"] == {"fc": {"a": "b", "b": "a", "margin": 0.5}}
     assert resolved["variants"]["b"]["model"]["preset"] == "lab2-2c3f"
     assert (out / "study.toml").read_text() == study.read_text()
     # same seed, same variant in a study == the same numbers a separate `cnnlab train` gives
@@ -114,7 +114,7 @@ def test_locked_study_dir_is_refused(tmp_path, idx_dir, capsys):
     ('seeds = [1, 1]\n[variants]\na = {}\n', r"seeds has duplicates"),
     ('[variants]\na = { train = { epochs = "x" } }\n', r"variants.a: train: `epochs` must be int"),
     ('[variants]\na = { modle = {} }\n', r"variants.a: unknown section\(s\) modle"),
-    ('[variants]\na = {}\n[comparisons]\nx = ["a", "b"]\n', r"comparisons.x names unknown variant\(s\) b"),
+    ('[variants]\na = {}\n[comparisons]\nx = ["a", "b"]\n', r"comparisons.x: unknown variant\(s\) b"),
     ('[variants]\na = {}\n[comparisons]\nx = ["a", "a"]\n', r"compares a with itself"),
     ('[variants]\na = {}\na = {}\n', r"not valid TOML"),  # duplicate names
     ('[variants]\n"a b" = {}\n', r"must use letters"),
@@ -140,7 +140,8 @@ def test_lab2_study_file_is_valid():
     study = load_study(Path(__file__).resolve().parents[1] / "studies" / "lab2.toml")
     assert len(study.seeds) >= 3
     assert set(study.variants) >= {"lab2-3c3f-bn", "lab2-3c3f", "lab2-2c3f", "lab2-2c2f"}
-    assert study.comparisons["bn"] == ("lab2-3c3f-bn", "lab2-3c3f")
+    assert (study.comparisons["bn"].a, study.comparisons["bn"].b) == (("lab2-3c3f-bn",), ("lab2-3c3f",))
+    assert study.stopping.until_resolved and study.stopping.max_seeds == 8  # ./run.sh: about 15 minutes
     p025 = [v for v in study.variants.values() if any(b.dropout == 0.25 for b in v.model.conv)]
     assert len(p025) == 1
     for cfg in study.variants.values():

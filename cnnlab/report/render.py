@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from cnnlab import stats
 from cnnlab.report.analyze import GAP_WARN_PTS, Analysis, ComparisonStats, VariantStats
 from cnnlab.report.collect import Study
-from cnnlab.study import format_level
+from cnnlab.study import format_level, seeds_text
 
 if TYPE_CHECKING:
     from cnnlab.report.figures import Fig, Figures
@@ -102,20 +102,6 @@ def interval(lo, hi, n: int, digits: int = 2) -> str:
 
 def sd_text(s: stats.Summary) -> str:
     return "n/a (1 seed)" if s.n == 1 else num(s.std)
-
-
-def seeds_text(seeds: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> '0–2, 5'."""
-    seeds = sorted(seeds)
-    parts, i = [], 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if j == i else f"{seeds[i]}, {seeds[j]}" if j == i + 1
-                     else f"{seeds[i]}–{seeds[j]}")
-        i = j + 1
-    return ", ".join(parts) or "none"
 
 
 def _distinct(values) -> str:
