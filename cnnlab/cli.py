@@ -15,7 +15,7 @@ from cnnlab import __version__
 from cnnlab.errors import CnnlabError
 
 # Order here is the order in `cnnlab --help`.
-COMMANDS = ["train", "study", "report", "eval", "predict", "summary", "data", "env"]
+COMMANDS = ["train", "study", "report", "eval", "predict", "export", "summary", "data", "env"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -58,7 +58,7 @@ def cnnlab_run(task: Task | list[Task], threads: int, cwd: str, env: dict, hide_
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
-    from cnnlab.study import execute_tasks, run_state
+    from cnnlab.study import execute_tasks, needs_work
 
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative idx:DIR paths mean the same as on the driver
@@ -71,7 +71,7 @@ def cnnlab_run(task: Task | list[Task], threads: int, cwd: str, env: dict, hide_
     for t in tasks:
         _wait_for_run_lock(Path(t.run_dir), lock_wait)
     # a run finished meanwhile (by a task of an earlier driver that died) is not trained again
-    todo = [t for t in tasks if run_state(t) != "done"]
+    todo = [t for t in tasks if needs_work(t)]
     outcomes = dict(zip([t.label for t in todo], execute_tasks(todo, threads) if todo else []))
     out = [outcomes.get(t.label, {"status": "done"}) for t in tasks]
     return out if isinstance(task, list) else out[0]

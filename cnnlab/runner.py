@@ -15,7 +15,7 @@ from pathlib import Path
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.fsutil import atomic_write_json, exclusive
 from cnnlab.study import (Study, Task, check_existing, decide_all, existing_seeds, next_round, read_progress,
-                          read_result, run_state, seeds_text, tasks_for)
+                          needs_work, read_result, seeds_text, tasks_for)
 
 
 class Display:
@@ -48,7 +48,10 @@ class Display:
         if outcome["status"] == "done":
             self.done += 1
             res = read_result(task.run_dir) or {}
-            msg = f"done    {task.label}: test accuracy {res.get('test_accuracy', float('nan')):.2f}%"
+            msg = ("exported" if outcome.get("exported_only") else "done    ") + (
+                f"{task.label}: test accuracy {res.get('test_accuracy', float('nan')):.2f}%")
+            if outcome.get("export_error"):
+                msg += f"; export FAILED: {outcome['export_error']}"
         else:
             self.failed += 1
             msg = f"FAILED  {task.label}: {outcome.get('error')}"
@@ -106,6 +109,10 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
                 layer_table(cfg.model, ds.input_shape, ds.num_classes)
             except SpecError as e:
                 raise SpecError(f"variant {vname}: {e}") from None
+        if study.export is not None:
+            from cnnlab.deploy import require_extra
+
+            require_extra()  # before any run: a missing extra is one line, not an error per run
         sequential = study.stopping.until_resolved
         if not sequential and _previous(out).get("stopping", {}).get("until_resolved"):
             raise ConfigError(f"{out} holds a study run with seeds until resolved; run it with --until-resolved "
@@ -118,7 +125,7 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
             shutil.copyfile(study_file, out / ".study.toml.tmp")
             (out / ".study.toml.tmp").replace(out / "study.toml")
         t0 = time.time()
-        counts = {"total": 0, "skipped": 0, "done": 0, "failed": 0}
+        counts = {"total": 0, "skipped": 0, "done": 0, "failed": 0, "exported": 0}
         for round_no in range(1, 10_000):
             tasks = tasks_for(study, out, command, seeds)
             for t in tasks:
@@ -150,8 +157,7 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
 
 
 def _run_round(tasks: list[Task], executor, counts: dict, first: bool) -> None:
-    states = {t.label: run_state(t) for t in tasks}
-    todo = [t for t in tasks if states[t.label] in ("new", "partial")]
+    todo = [t for t in tasks if needs_work(t)]
     if first:
         counts["total"] = len(tasks)
         counts["skipped"] = len(tasks) - len(todo)
@@ -165,7 +171,7 @@ def _run_round(tasks: list[Task], executor, counts: dict, first: bool) -> None:
     executor.poll = display.poll
 
     def on_done(task, outcome):
-        counts["done" if outcome["status"] == "done" else "failed"] += 1
+        counts["exported" if outcome.get("exported_only") else outcome["status"]] += 1
         display.run_done(task, outcome)
 
     try:

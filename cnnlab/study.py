@@ -32,8 +32,9 @@ from cnnlab.errors import ConfigError, CnnlabError
 
 MARGIN = 0.5  # the default equivalence margin, in percentage points
 
-STUDY_KEYS = ("name", "seeds", "base", "variants", "grid", "comparisons", "margin", "stopping")
+STUDY_KEYS = ("name", "seeds", "base", "variants", "grid", "comparisons", "margin", "stopping", "export")
 STOPPING_KEYS = ("until_resolved", "max_seeds", "step")
+EXPORT_KEYS = ("int8", "calibration", "c_header")  # cnnlab.deploy.export_run's options
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,-]*$")
 SECTION_KEYS = {"data": ("name", "val_size", "limit"),
                 "model": ("preset", "bn", "conv_dropout", "fc_dropout"),
@@ -97,6 +98,7 @@ class Study:
     stopping: Stopping = field(default_factory=Stopping)
     grid: dict[str, list] = field(default_factory=dict)  # factor -> levels
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid variant -> {factor: level}
+    export: dict[str, Any] | None = None  # export every finished run (cnnlab.deploy), with these options
 
     def resolved(self) -> dict[str, Any]:
         return {
@@ -107,6 +109,7 @@ class Study:
             "stopping": dataclasses.asdict(self.stopping),
             "grid": self.grid,
             "cells": self.cells,
+            "export": self.export,
         }
 
 
@@ -119,6 +122,7 @@ class Task:
     config: dict  # RunConfig.to_dict()
     run_dir: str
     command: str = ""
+    export: dict | None = None  # export the finished run (cnnlab.deploy.export_run options)
 
     @property
     def label(self) -> str:
@@ -257,6 +261,22 @@ def stopping_from(data: Any, where: str) -> Stopping:
                     _int(data.get("step", 1), f"{where}: stopping.step", 1))
 
 
+def export_from(data: Any, where: str) -> dict:
+    """[export] int8 = true, calibration = 500, c_header = false (cnnlab.deploy.export_run's options)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: [export] must be a table")
+    unknown = sorted(set(data) - set(EXPORT_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: export: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(EXPORT_KEYS)}")
+    out = {"int8": data.get("int8", True), "calibration": data.get("calibration", 500),
+           "c_header": data.get("c_header", False)}
+    for key in ("int8", "c_header"):
+        if not isinstance(out[key], bool):
+            raise ConfigError(f"{where}: export.{key} must be true or false, got {out[key]!r}")
+    _int(out["calibration"], f"{where}: export.calibration", 1)
+    return out
+
+
 def study_from_dict(data: Any, where: str = "study") -> Study:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a TOML table")
@@ -302,7 +322,8 @@ def study_from_dict(data: Any, where: str = "study") -> Study:
         raise ConfigError(f"{where}: [comparisons] must be a table of name = [variant_a, variant_b]")
     comparisons = {c: comparison_from(v, f"{where}: comparisons.{c}", variants, margin) for c, v in comps_raw.items()}
     stopping = stopping_from(data.get("stopping", {}), where)
-    study = Study(name, seeds, variants, comparisons, stopping, factors, cells)
+    export = export_from(data["export"], where) if "export" in data else None
+    study = Study(name, seeds, variants, comparisons, stopping, factors, cells, export)
     check_stopping(study, where)
     return study
 
@@ -328,9 +349,12 @@ def load_study(path) -> Study:
 
 def override(study: Study, seeds: int | None = None, epochs: int | None = None, limit: int | None = None,
              device: str | None = None, data: str | None = None, until_resolved: bool | None = None,
-             max_seeds: int | None = None) -> Study:
-    """Apply command-line overrides to every variant and to the stopping rule."""
+             max_seeds: int | None = None, export: bool | None = None) -> Study:
+    """Apply command-line overrides to every variant, to the stopping rule and to exporting."""
     from cnnlab.config import validate
+
+    if export and study.export is None:
+        study.export = export_from({}, "--export")
 
     if seeds is not None:
         if seeds < 1:
@@ -365,7 +389,7 @@ def tasks_for(study: Study, out: Path, command: str = "", seeds: dict[str, list[
     for vname, cfg in study.variants.items():
         for seed in (seeds[vname] if seeds is not None else study.seeds):
             c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-            tasks.append(Task(vname, seed, c.to_dict(), str(run_dir(out, vname, seed)), command))
+            tasks.append(Task(vname, seed, c.to_dict(), str(run_dir(out, vname, seed)), command, study.export))
     return tasks
 
 
@@ -424,6 +448,30 @@ def run_state(task: Task) -> str:
     if res is not None:
         return "done" if res.get("status") == "done" else "failed"
     return "partial" if (d / "config.toml").exists() else "new"
+
+
+def needs_work(task: Task) -> bool:
+    """A run still to train, or a finished one still to export."""
+    state = run_state(task)
+    if state in ("new", "partial"):
+        return True
+    return state == "done" and task.export is not None and not (Path(task.run_dir) / "export" / "export.json").is_file()
+
+
+def export_finished(task: Task, echo) -> str | None:
+    """Export a finished run as the study asks (cnnlab.deploy); None, or why it failed (one line,
+    also in the run directory's export-error.txt; the run itself stays done)."""
+    from cnnlab.deploy import export_run
+
+    d = Path(task.run_dir)
+    try:
+        export_run(d, out=d / "export", **task.export)
+    except CnnlabError as e:
+        (d / "export-error.txt").write_text(str(e) + "\n")
+        echo(f"export failed: {e}")
+        return str(e)
+    (d / "export-error.txt").unlink(missing_ok=True)
+    return None
 
 
 def check_existing(task: Task) -> None:
@@ -493,9 +541,15 @@ def execute_tasks(tasks: list[Task], threads: int = 1, resume_allowed: bool = Tr
         if len(tasks) == 1:
             from cnnlab.train import train_run
 
-            train_run(cfgs[0], dirs[0], dataset=dataset, resume=resume_allowed, echo=echos[0],
-                      progress=progresses[0], command=tasks[0].command)
-            return [{"status": "done"}]
+            outcome = {"status": "done"}
+            if run_state(tasks[0]) == "done":  # here only to be exported
+                outcome["exported_only"] = True
+            else:
+                train_run(cfgs[0], dirs[0], dataset=dataset, resume=resume_allowed, echo=echos[0],
+                          progress=progresses[0], command=tasks[0].command)
+            if tasks[0].export is not None:
+                outcome["export_error"] = export_finished(tasks[0], echos[0])
+            return [outcome]
         from cnnlab.batched import NotBatchable, train_batched
 
         try:
@@ -505,8 +559,12 @@ def execute_tasks(tasks: list[Task], threads: int = 1, resume_allowed: bool = Tr
             for echo in echos:
                 echo(f"({e})")
             return [execute_tasks([t], threads, resume_allowed)[0] for t in tasks]
-        return [{"status": "failed", "error": str(r)} if isinstance(r, Exception) else {"status": "done"}
-                for r in results]
+        outcomes = [{"status": "failed", "error": str(r)} if isinstance(r, Exception) else {"status": "done"}
+                    for r in results]
+        for t, echo, outcome in zip(tasks, echos, outcomes):
+            if t.export is not None and outcome["status"] == "done":
+                outcome["export_error"] = export_finished(t, echo)
+        return outcomes
     except CnnlabError as e:
         return [{"status": "failed", "error": str(e)}] * len(tasks)
     except Exception as e:  # a bug or an environment fault: keep the study going, record it

@@ -27,7 +27,11 @@ def summary_stats(rows: list[Layer], in_shape) -> dict:
 
 
 def format_summary(spec: ModelSpec, in_shape, num_classes: int) -> str:
-    rows = layer_table(spec, in_shape, num_classes)
+    return format_layers(layer_table(spec, in_shape, num_classes), in_shape)
+
+
+def format_layers(rows: list[Layer], in_shape) -> str:
+    """The table for any list of layer rows (a spec's layer_table, or a module's, cnnlab.api.summary)."""
     stats = summary_stats(rows, in_shape)
     lines = [RULE, f"{'Layer (type)':<22}{'Output Shape':<26}{'Param #':>12}", RULE]
     for r in rows:

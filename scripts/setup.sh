@@ -8,17 +8,22 @@
 #   - MNIST in the cache ($CNNLAB_DATA, default ~/.cache/cnnlab), fetched only when missing.
 #   - cnnlab's native CPU kernels, built once (cnnlab/native; cached in ~/.cache/cnnlab/native).
 # Extra pip extras can be asked for with CNNLAB_EXTRAS (e.g. CNNLAB_EXTRAS=test,ray).
+# `setup.sh run` (./run.sh) sets up only what the main job needs: no chromium, no
+# Fashion-MNIST, no test extra; `setup.sh` (./test.sh) sets up everything the tests need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-EXTRAS=${CNNLAB_EXTRAS:-test}
+MODE=${1:-test}
+if [ "$MODE" = run ]; then EXTRAS=${CNNLAB_EXTRAS:-}; else EXTRAS=${CNNLAB_EXTRAS:-test}; fi
 
 need_apt=()
 command -v dot >/dev/null 2>&1 || need_apt+=(graphviz)
-command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
-[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+if [ "$MODE" != run ]; then
+    command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+    [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+fi
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then
@@ -37,10 +42,12 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     "$PY" -m venv .venv
 fi
-stamp=".venv/.cnnlab-setup-$(cat pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
-if [ ! -f "$stamp" ]; then
-    echo "setup: installing cnnlab[$EXTRAS] into .venv"
-    .venv/bin/pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+hash=$(cat pyproject.toml | sha256sum | cut -c1-16)
+stamp=".venv/.cnnlab-setup-$hash-${EXTRAS//,/_}"
+# a venv set up for the tests (a superset) serves the main job as it is
+if [ ! -f "$stamp" ] && ! { [ "$MODE" = run ] && ls .venv/.cnnlab-setup-"$hash"-* >/dev/null 2>&1; }; then
+    echo "setup: installing cnnlab${EXTRAS:+[$EXTRAS]} into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}"
     rm -f .venv/.cnnlab-setup-*
     touch "$stamp"
 fi

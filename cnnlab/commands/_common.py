@@ -48,7 +48,7 @@ def load_config_file(path):
 
 def config_from_args(args):
     """--preset/--config plus flag overrides -> a validated RunConfig."""
-    from cnnlab.config import config_from_dict, validate
+    from cnnlab.config import RunConfig, config_from_dict, validate
     from cnnlab.errors import SpecError
     from cnnlab.spec import PRESETS
 
@@ -56,8 +56,8 @@ def config_from_args(args):
         if args.preset not in PRESETS:
             raise SpecError(f"unknown preset {args.preset!r}; available: {', '.join(PRESETS)}")
         cfg = config_from_dict({"model": {"preset": args.preset}})
-    else:
-        cfg = load_config_file(args.config)
+    else:  # a file, or (from cnnlab.api.train) a RunConfig already built
+        cfg = args.config if isinstance(args.config, RunConfig) else load_config_file(args.config)
     data = {k: v for k, v in (("name", args.data), ("limit", args.limit), ("val_size", args.val_size)) if v is not None}
     train = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                                ("seed", args.seed), ("device", args.device), ("eval_mode", args.eval_mode),

@@ -13,24 +13,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
+    """A thin layer over cnnlab.api.evaluate_run (Run.evaluate)."""
+    from cnnlab import api
 
-    from cnnlab.data import load_dataset
-    from cnnlab.inference import load_run_model
-    from cnnlab.train import evaluate, resolve_device, to_tensors
-
-    device = resolve_device(args.device)
-    model, cfg, meta = load_run_model(args.run_dir, args.checkpoint, device)
-    ds = load_dataset(cfg.data.name)
-    if list(ds.input_shape) != list(meta["in_shape"]) or ds.num_classes != meta["num_classes"]:
-        from cnnlab.errors import CheckpointError
-
-        raise CheckpointError(f"{args.run_dir}: the model expects {meta['in_shape']} with {meta['num_classes']} "
-                              f"classes but {cfg.data.name} has {list(ds.input_shape)} with {ds.num_classes}")
-    empty = np.zeros(0, dtype=np.int64)
-    data = to_tensors(ds, empty, empty, device)
-    bs = cfg.train.batch_size
+    result = api.evaluate_run(args.run_dir, args.checkpoint, args.device)
     for mode, label in (("eval", "eval mode"), ("train", "train mode (the lab's way)")):
-        loss, acc, _, _ = evaluate(model, data.x_test, data.y_test, bs, mode, cfg.train.seed + 2)
-        print(f"{label:<28} test loss: {loss:.4f} test accuracy: {acc:.4f}")
+        print(f"{label:<28} test loss: {result[mode]['test_loss']:.4f} "
+              f"test accuracy: {result[mode]['test_accuracy']:.4f}")
     return 0

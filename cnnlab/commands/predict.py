@@ -21,54 +21,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
+    """A thin layer over cnnlab.api.predict_run and save_predictions (Run.predict)."""
+    from cnnlab import api
 
-    from cnnlab.errors import ConfigError
-    from cnnlab.inference import load_run_model, predict_arrays
-
-    if (args.index is None) == (not args.images):
-        raise ConfigError("give either --index N or one or more IMAGE files")
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    model, cfg, meta = load_run_model(args.run_dir, args.checkpoint)
-    h, w = meta["in_shape"][1:]
-    names, arrays = [], []
-    if args.index is not None:
-        from cnnlab.data import load_dataset
-
-        ds = load_dataset(cfg.data.name)
-        n = len(ds.test_labels)
-        if not 0 <= args.index < n:
-            raise ConfigError(f"--index {args.index}: the test set has images 0..{n - 1}")
-        arrays.append(ds.test_images[args.index].astype("float32") / 255.0)
-        names.append(f"test[{args.index}] (label {int(ds.test_labels[args.index])})")
-    else:
-        from cnnlab.images import load_image
-
-        for path in args.images:
-            arr, notes = load_image(path, (h, w), args.invert)
-            arrays.append(arr)
-            names.append(path)
-            for note in notes:
-                print(f"{path}: {note}")
-    import numpy as np
-
-    results = predict_arrays(model, np.stack(arrays), args.top_k)
-    for name, (pred, top) in zip(names, results):
-        if len(names) > 1:
-            print(name)
-        print(f"predicted: {pred}")
-        print("top-k: " + ", ".join(f"{c}: {p:.4f}" for c, p in top))
+    preds = api.predict_run(args.run_dir, args.index, args.images, top_k=args.top_k, invert=args.invert,
+                            checkpoint=args.checkpoint, note=lambda path, text: print(f"{path}: {text}"))
+    for p in preds:
+        if len(preds) > 1:
+            print(p.source)
+        print(f"predicted: {p.predicted}")
+        print("top-k: " + ", ".join(f"{c}: {q:.4f}" for c, q in p.top_k))
     if args.save_image:
-        from cnnlab.images import save_labeled_image
-
-        target = Path(args.save_image)
-        for i, (arr, (pred, _)) in enumerate(zip(arrays, results)):
-            if len(arrays) > 1:
-                target.mkdir(parents=True, exist_ok=True)
-                path = target / f"prediction-{i}.png"
-            else:
-                path = target
-            save_labeled_image(arr, f"predicted: {pred}", path)
-            print(f"saved {path}")
+        api.save_predictions(preds, args.save_image, saved=lambda path: print(f"saved {path}"))
     return 0

@@ -21,6 +21,10 @@ def register(sub) -> None:
     p.add_argument("--max-seeds", type=int, metavar="N",
                    help="with --until-resolved: at most seeds 0..N-1 per variant (default: the study file's "
                         "[stopping] max_seeds, else 20); raise it later to continue a study")
+    p.add_argument("--export", action="store_true", default=None,
+                   help="export every finished run to ONNX fp32 and int8 with its checks and figures (as `cnnlab "
+                        "export RUN --int8`; needs the deploy extra); the report gains a Deployment section "
+                        "(also [export] in the study file)")
     p.add_argument("--epochs", type=int, metavar="N", help="override every variant's epochs")
     p.add_argument("--limit", type=int, metavar="N", help="train on the first N training images (quick runs)")
     p.add_argument("--data", metavar="NAME", help="override every variant's dataset")
@@ -41,48 +45,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import os
+    """A thin layer over cnnlab.api.study, which prints the lines and runs the study."""
     import sys
-    from pathlib import Path
 
-    from cnnlab.errors import ConfigError
-    from cnnlab.runner import run_study
-    from cnnlab.study import load_study, override
+    from cnnlab import api
 
-    study = override(load_study(args.study_file), seeds=args.seeds, epochs=args.epochs, limit=args.limit,
-                     device=args.device, data=args.data, until_resolved=args.until_resolved,
-                     max_seeds=args.max_seeds)
-    for flag in ("workers", "threads", "retries", "batch_seeds"):
-        v = getattr(args, flag)
-        if v is not None and v < (0 if flag == "retries" else 1):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'retries' else 1}, got {v}")
-    out = Path(args.out or f"studies-out/{study.name}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = args.workers or max(1, cores // max(1, args.threads))
-    if args.executor == "ray":
-        from cnnlab.ray_executor import RayExecutor
-
-        executor = RayExecutor(address=args.address, threads=args.threads, retries=args.retries,
-                               study_dir=out, gpus_per_run=args.gpus_per_run, batch_seeds=args.batch_seeds)
-    else:
-        if args.address:
-            raise ConfigError("--address is for --executor ray")
-        from cnnlab.executors import LocalExecutor
-
-        executor = LocalExecutor(workers, args.threads, args.retries, batch_seeds=args.batch_seeds)
-    n_runs = len(study.variants) * len(study.seeds)
-    rounds = (f", then seeds until resolved, at most {study.stopping.max_seeds} per variant"
-              if study.stopping.until_resolved else "")
-    print(f"study {study.name}: {len(study.variants)} variants x {len(study.seeds)} seeds = {n_runs} runs{rounds} "
-          f"-> {out} ({args.executor}" + (f", {workers} workers x {args.threads} thread(s))" if args.executor == "local" else ")"),
-          flush=True)
-    if args.batch_seeds > 1 and all(c.train.device == "cpu" for c in study.variants.values()):
-        print(f"note: --batch-seeds {args.batch_seeds} on the CPU trains on torch's kernels, about 0.3x the speed of "
-              "separate runs on cnnlab's native ones; it is meant for a GPU (docs/performance.md, GPU)", flush=True)
-    counts = run_study(study, out, executor, Path(args.study_file), command="cnnlab " + " ".join(sys.argv[1:]),
-                       report=not args.no_report)
-    print(f"{counts['done']} runs trained, {counts['skipped']} already finished, {counts['failed']} failed "
-          f"in {counts['wall_seconds']:.1f} s")
-    if "report" in counts:
-        print(f"report: {counts['report']}")
-    return 1 if counts["failed"] else 0
+    result = api.study(args.study_file, out=args.out, seeds=args.seeds, epochs=args.epochs, limit=args.limit,
+                       workers=args.workers, threads=args.threads, data=args.data, device=args.device,
+                       until_resolved=args.until_resolved, max_seeds=args.max_seeds, executor=args.executor,
+                       address=args.address, gpus_per_run=args.gpus_per_run, batch_seeds=args.batch_seeds,
+                       retries=args.retries, export=args.export, report=not args.no_report,
+                       command="cnnlab " + " ".join(sys.argv[1:]))
+    return 1 if result.counts["failed"] else 0

@@ -14,8 +14,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    """Parses --input, then a thin layer over cnnlab.api.summary."""
+    from cnnlab import api
     from cnnlab.errors import SpecError
-    from cnnlab.summary import format_summary
 
     try:
         shape = tuple(int(v) for v in args.input.lower().split("x"))
@@ -23,13 +24,6 @@ def run(args) -> int:
             raise ValueError
     except ValueError:
         raise SpecError(f"--input {args.input!r}: expected CxHxW with positive sizes, e.g. 1x28x28") from None
-    if args.preset:
-        from cnnlab.spec import preset
-
-        spec = preset(args.preset)
-    else:
-        from cnnlab.commands._common import load_config_file
-
-        spec = load_config_file(args.config).model
-    print(format_summary(spec, shape, args.classes))
+    print(api.summary(args.preset or None, config=None if args.preset else args.config, input_shape=shape,
+                      num_classes=args.classes))
     return 0

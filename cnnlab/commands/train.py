@@ -20,73 +20,22 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """A thin layer over cnnlab.api.train / cnnlab.api.resume."""
     import sys
-    import time
-    from pathlib import Path
 
-    from cnnlab.errors import ConfigError, RunError
+    from cnnlab import api
+    from cnnlab.errors import ConfigError
 
+    command = "cnnlab " + " ".join(sys.argv[1:])
     if args.resume:
-        from cnnlab.config import load_config
-
-        out = Path(args.resume)
-        if not (out / "config.toml").exists():
-            raise RunError(f"--resume {out}: not a run directory (no config.toml)")
         if args.preset or args.config:
+            api.check_resumable(args.resume)  # a directory that is not a run is named first, as always
             raise ConfigError("--resume uses the run's own config.toml; drop --preset/--config")
-        cfg = load_config(out / "config.toml")
+        run = api.resume(args.resume, command=command)
     else:
-        if not (args.preset or args.config):
-            raise ConfigError("give a model: --preset NAME or --config FILE (see `cnnlab train --help`)")
-        from cnnlab.commands._common import config_from_args
-
-        cfg = config_from_args(args)
-        name = args.preset or Path(args.config).stem
-        out = Path(args.out or f"runs/{name}-seed{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (out / "result.json").exists() or (out / "checkpoints" / "last.safetensors").exists():
-            raise RunError(f"{out} already holds a run; use another --out, or --resume {out} to continue it")
-
-    from cnnlab.data import load_dataset
-
-    ds = load_dataset(cfg.data.name)
-    from cnnlab.spec import layer_table
-
-    layer_table(cfg.model, ds.input_shape, ds.num_classes)  # shape errors before anything is written
-    echo, progress, close = _console(cfg.train.epochs)
-    from cnnlab.train import train_run
-
-    try:
-        train_run(cfg, out, dataset=ds, resume=bool(args.resume), echo=echo, progress=progress,
-                  command="cnnlab " + " ".join(sys.argv[1:]))
-    finally:
-        close()
-    print(f"run directory: {out}")
+        run = api.train(args.preset, config=args.config, data=args.data, epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
+                        val_size=args.val_size, eval_mode=args.eval_mode, device=args.device,
+                        threads=args.threads, out=args.out, command=command)
+    print(f"run directory: {run.path}")
     return 0
-
-
-def _console(epochs: int):
-    """print + a tqdm bar for the current epoch when stderr is a terminal."""
-    import sys
-
-    if not sys.stderr.isatty():
-        return print, None, lambda: None
-    from tqdm import tqdm
-
-    state = {"bar": None}
-
-    def progress(epoch, step, steps):
-        bar = state["bar"]
-        if bar is None or bar.desc != f"epoch {epoch + 1}/{epochs}":
-            if bar is not None:
-                bar.close()
-            bar = state["bar"] = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False)
-        bar.update(step - bar.n)
-
-    def echo(line):
-        tqdm.write(line)
-
-    def close():
-        if state["bar"] is not None:
-            state["bar"].close()
-
-    return echo, progress, close

@@ -13,7 +13,7 @@ import numpy as np
 
 from cnnlab import stats
 from cnnlab.report.collect import Run, Study, Variant, load_predictions
-from cnnlab.study import Comparison, decide_all
+from cnnlab.study import MARGIN, Comparison, decide_all
 
 GAP_WARN_PTS = 2.0  # warn when eval-mode test accuracy is this far below train-mode, on average
 MAX_MISCLASSIFIED = 25
@@ -96,6 +96,23 @@ class GridStats:
 
 
 @dataclass
+class DeployStats:
+    """One variant's exported runs (cnnlab.deploy's export.json): what int8 costs, over seeds."""
+
+    variant: str
+    seeds: list[int]  # the finished runs with an export.json
+    fp32: stats.Summary  # test accuracy of the fp32 ONNX model (onnxruntime)
+    int8: stats.Summary
+    paired: stats.Paired  # int8 - fp32, by seed
+    decision: stats.Decision  # equivalent within the margin, one side better, or undetermined
+    verdict: str
+    agreement: stats.Summary  # int8's argmax agreement with fp32, %
+    figures: dict[str, float | None]  # sizes, params, MACs, latency p50/p99: medians over seeds
+    cpus: str  # the CPU(s) the latencies were measured on
+    notes: list[str]  # finished runs without a usable export, and why
+
+
+@dataclass
 class Analysis:
     variants: dict[str, VariantStats]
     comparisons: list[ComparisonStats]
@@ -105,6 +122,7 @@ class Analysis:
     finished: int
     planned: int
     grid: list[GridStats] = field(default_factory=list)  # eval mode first; empty without a [grid]
+    deploy: list[DeployStats] = field(default_factory=list)  # empty when no run was exported
 
 
 def _num(x: Any) -> float | None:
@@ -210,6 +228,44 @@ def grid_stats(study: Study, vstats: dict[str, VariantStats]) -> list[GridStats]
     return out
 
 
+DEPLOY_FIGURES = ("size_fp32_bytes", "size_int8_bytes", "params", "macs", "latency_torch_p50_us",
+                  "latency_torch_p99_us", "latency_fp32_p50_us", "latency_fp32_p99_us", "latency_int8_p50_us",
+                  "latency_int8_p99_us")
+
+
+def deployment(study: Study) -> list[DeployStats]:
+    """int8 against fp32 per variant over the exported seeds, as one family of comparisons
+    (sequential intervals when the study ran until resolved: its seeds were chosen by looking)."""
+    per = {}
+    for name, v in study.variants.items():
+        done = v.finished
+        exported = [r for r in done if r.export and _num(r.export.get("test_accuracy_int8")) is not None]
+        if not exported and not any(r.export for r in done):
+            continue
+        notes = [f"seed {r.seed}: {r.export_note or 'no int8 accuracy in export.json'}"
+                 for r in done if r not in exported]
+        per[name] = (exported, notes)
+    if not per:
+        return []
+    m = len(per)
+    out = []
+    for name, (runs, notes) in per.items():
+        fp32 = {r.seed: float(r.export["test_accuracy_fp32"]) for r in runs}
+        int8 = {r.seed: float(r.export["test_accuracy_int8"]) for r in runs}
+        pr = stats.paired(int8, fp32)
+        d = stats.decide(pr, MARGIN, m=m, sequential=study.sequential)
+        figures = {}
+        for key in DEPLOY_FIGURES:
+            vals = [x for r in runs if (x := _num(r.export.get(key))) is not None]
+            figures[key] = float(np.median(vals)) if vals else None
+        agree = [x for r in runs if (x := _num(r.export.get("argmax_agreement_int8"))) is not None]
+        out.append(DeployStats(
+            name, [r.seed for r in runs], stats.summarize(fp32.values()), stats.summarize(int8.values()), pr, d,
+            stats.verdict_text("int8", "fp32", d), stats.summarize(agree), figures,
+            ", ".join(sorted({str(r.export.get("cpu_model")) for r in runs})) or "not recorded", notes))
+    return out
+
+
 def _pred_key(run: Run) -> str:
     return "pred_train" if run.result.get("eval_mode") == "train" else "pred_eval"
 
@@ -264,4 +320,5 @@ def analyze(study: Study) -> Analysis:
         finished=sum(len(vs.finished_seeds) for vs in vstats.values()),
         planned=sum(vs.planned for vs in vstats.values()),
         grid=grid_stats(study, vstats),
+        deploy=deployment(study),
     )

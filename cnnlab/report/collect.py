@@ -43,6 +43,8 @@ class Run:
     metrics_note: str = ""  # why metrics is None, when it is
     log: str | None = None  # train.log
     config_toml: str | None = None
+    export: dict[str, Any] | None = None  # export/export.json (cnnlab.deploy), when the run was exported
+    export_note: str = ""  # why an export is absent or unusable (export-error.txt's line, ...)
 
     @property
     def finished(self) -> bool:
@@ -83,6 +85,7 @@ class Study:
     stopping: Stopping = field(default_factory=Stopping)
     grid: dict[str, list] = field(default_factory=dict)  # factor -> levels, for a [grid] study
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid variant -> {factor: level}
+    export: dict[str, Any] | None = None  # the study's export options, when it exports its runs
 
     @property
     def sequential(self) -> bool:
@@ -144,8 +147,10 @@ def load_study(path: Path) -> Study:
     command = data.get("command") if isinstance(data.get("command"), str) else ""
     grid = data.get("grid") if isinstance(data.get("grid"), dict) else {}
     cells = data.get("cells") if isinstance(data.get("cells"), dict) else {}
+    export = data.get("export") if isinstance(data.get("export"), dict) else None
     all_seeds = sorted(set(seeds).union(*(set(r.seed for r in v.runs) for v in variants.values())))
-    return Study(path, data["name"], all_seeds, variants, comparisons, command, versions, stopping, grid, cells)
+    return Study(path, data["name"], all_seeds, variants, comparisons, command, versions, stopping, grid, cells,
+                 export)
 
 
 def _load_variant(study: Path, name: str, config: dict, seeds: list[int]) -> Variant:
@@ -210,7 +215,21 @@ def load_run(path: Path, variant: str, seed: int) -> Run:
         run.status, run.reason = "invalid", f"result.json lacks a numeric {', '.join(missing)}"
         return run
     run.status = "done"
+    run.export, run.export_note = read_export(path)
     return run
+
+
+def read_export(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """A run's export/export.json, or (None, why): its export-error.txt, or that it was not exported."""
+    text = _read_text(run_dir / "export" / "export.json")
+    if text is None:
+        err = _read_text(run_dir / "export-error.txt")
+        return None, (err.strip() if err else "not exported")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"export.json cannot be read: {e}"
+    return (data, "") if isinstance(data, dict) else (None, "export.json is not a JSON object")
 
 
 def read_metrics(p: Path) -> tuple[dict[str, list[float]] | None, str]:

@@ -38,6 +38,7 @@ class Figures:
     example: dict[str, Fig] = field(default_factory=dict)
     example_note: dict[str, str] = field(default_factory=dict)  # why an example has no image
     interaction: dict[tuple[str, str, str], Fig] = field(default_factory=dict)  # (mode, a, b) -> plot
+    deploy: Fig | None = None  # size against accuracy of every exported variant, fp32 and int8
     compare: dict[str, Fig] = field(default_factory=dict)
     confusion: Fig | None = None
     misclassified: Fig | None = None
@@ -186,6 +187,21 @@ def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
                 name, plots.png(fig), f"interaction plot of {fa} and {fb}, {g.mode} mode",
                 f"Mean test accuracy ({g.mode} mode) of each cell of the grid, one line per level of {fa}, "
                 f"with 95% t-intervals over seeds. Parallel lines: {fa}'s effect does not depend on {fb}. {foot}"))
+
+    # deployment: size against accuracy, fp32 and int8 of every exported variant
+    if an.deploy:
+        points = []
+        for dv in an.deploy:
+            for kind, summ in (("fp32", dv.fp32), ("int8", dv.int8)):
+                kb = dv.figures.get(f"size_{kind}_bytes")
+                if kb is not None and summ.n:
+                    points.append((f"{dv.variant} {kind}", kb / 1000, summ.mean, summ.ci_low, summ.ci_high))
+        if points:
+            figs.deploy = figs.add(Fig(
+                "deploy-size-accuracy.png", plots.size_accuracy(points, foot, "size and accuracy, ONNX fp32 and int8"),
+                "model size against test accuracy, fp32 and int8",
+                f"ONNX file size against test accuracy (onnxruntime, whole test set), circles fp32 and squares "
+                f"int8, mean with 95% t-interval over the exported seeds. {foot}"))
 
     # diagnostics of the best variant
     d = an.diagnostics

@@ -75,6 +75,12 @@ def curves(panels: Sequence[dict], footer: str, title: str = "", width_per_panel
            height: float = 3.6) -> bytes:
     """Line + band plots. Each panel: {"title", "ylabel", "lines": [(label, curve)]}, where a
     curve has .epochs, .mean, .low, .high (the band, here min-max over seeds)."""
+    return png(curves_figure(panels, footer, title, width_per_panel, height))
+
+
+def curves_figure(panels: Sequence[dict], footer: str, title: str = "", width_per_panel: float = 4.6,
+                  height: float = 3.6):
+    """curves() as a matplotlib Figure (Agg canvas, no pyplot), for cnnlab.api's Run.plot()."""
     fig = _figure(width_per_panel * len(panels), height, footer)
     with _style():
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -91,7 +97,7 @@ def curves(panels: Sequence[dict], footer: str, title: str = "", width_per_panel
             ax.legend(loc="best")
         if title:
             fig.suptitle(title)
-    return png(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------- confusion
@@ -165,4 +171,24 @@ def example(image: np.ndarray | None, caption: str, top_k: Sequence[tuple[str, f
             ax.text(min(p + 0.02, 0.8), y, f"{p:.3f}", va="center", fontsize=8)
         if title:
             fig.suptitle(title)
+    return png(fig)
+
+
+# ---------------------------------------------------------------------------- deployment
+
+def size_accuracy(points: Sequence[tuple[str, float, float, float, float]], footer: str, title: str = "") -> bytes:
+    """Model size against accuracy, one marker per variant and format: points are
+    (label, size in KB, mean accuracy, ci_low, ci_high); the error bar is the 95% CI over seeds."""
+    fig = _figure(5.6, 3.8, footer, left=0.8, right=1.9)
+    with _style():
+        ax = fig.subplots()
+        for i, (label, kb, mean, lo, hi) in enumerate(points):
+            yerr = None if np.isnan(lo) else [[mean - lo], [hi - mean]]
+            ax.errorbar([kb], [mean], yerr=yerr, fmt="os"[i % 2], color=COLORS[(i // 2) % len(COLORS)],
+                        capsize=3, markersize=5, label=label)
+        ax.set_xlabel("model file size (KB)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+        if title:
+            ax.set_title(title)
     return png(fig)

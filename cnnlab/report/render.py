@@ -291,6 +291,7 @@ def document(study: Study, an: Analysis, figs: "Figures", summaries: dict[str, s
     out += _factorial(study, an, figs)
     out += _overview(study, an)
     out += _comparisons(study, an, figs)
+    out += _deployment(study, an, figs)
     out += _variants(study, an, figs, summaries)
     out += _diagnostics(study, an, figs)
     out += _reproducibility(study, an)
@@ -374,6 +375,48 @@ def _factorial(study: Study, an: Analysis, figs: "Figures") -> list:
         for (mode, _, _), fig in figs.interaction.items():
             if mode == g.mode:
                 out += _fig(fig)
+    return out
+
+
+def _kb(x) -> str:
+    return DASH if x is None else f"{x / 1000:.1f}"
+
+
+def _us(d: dict, kind: str) -> str:
+    p50, p99 = d.get(f"latency_{kind}_p50_us"), d.get(f"latency_{kind}_p99_us")
+    return DASH if p50 is None else f"{p50:.0f} / {p99:.0f}" if p99 is not None else f"{p50:.0f}"
+
+
+def _deployment(study: Study, an: Analysis, figs: "Figures") -> list:
+    if not an.deploy:
+        return []
+    d0 = an.deploy[0].decision
+    out: list = [Heading(2, "Deployment"), Para(
+        "Each exported run's last checkpoint as ONNX: fp32 (BatchNorm folded) and int8 (static post-training "
+        "quantisation: QDQ, per-channel weights, calibrated on the run's own training images), both run with "
+        "onnxruntime's CPU provider on the whole test set (cnnlab export; docs/deploy.md). int8 − fp32 is "
+        f"paired by seed; its interval has confidence {d0.level:.2%}".replace(".00%", "%")
+        + f" ({d0.method}), and int8 is called equivalent when that interval lies within ±{d0.margin:g} pts.")]
+    out.append(table(("variant", "n", "fp32 test acc (%)", "int8 test acc (%)", "int8 − fp32 (pts)", "interval",
+                      "verdict", "argmax agreement (%)"),
+                     [(dv.variant, len(dv.seeds), f"{num(dv.fp32.mean)} ± {sd_text(dv.fp32)}",
+                       f"{num(dv.int8.mean)} ± {sd_text(dv.int8)}", signed(dv.paired.mean_diff),
+                       _ci(dv.decision), stats.verdict_text("int8", "fp32", dv.decision, detail=False),
+                       num(dv.agreement.mean)) for dv in an.deploy], "lrrrrrlr"))
+    out.append(Para("Size, work and latency: one image (batch 1) on one CPU thread, 100 warm-up runs then 1,000 "
+                    "timed, p50 / p99 in µs, the median over the exported seeds; measured when the run was "
+                    "exported, on the CPU named, and never re-measured here."))
+    out.append(table(("variant", "params", "MACs", "fp32 (KB)", "int8 (KB)", "torch µs", "ORT fp32 µs",
+                      "ORT int8 µs", "CPU"),
+                     [(dv.variant, DASH if dv.figures["params"] is None else f"{dv.figures['params']:,.0f}",
+                       DASH if dv.figures["macs"] is None else f"{dv.figures['macs']:,.0f}",
+                       _kb(dv.figures["size_fp32_bytes"]), _kb(dv.figures["size_int8_bytes"]),
+                       _us(dv.figures, "torch"), _us(dv.figures, "fp32"), _us(dv.figures, "int8"), dv.cpus)
+                      for dv in an.deploy], "lrrrrrrrl"))
+    for dv in an.deploy:
+        if dv.notes:
+            out.append(Callout("note", f"{dv.variant}: runs without a usable export: " + "; ".join(dv.notes)))
+    out += _fig(figs.deploy)
     return out
 
 
