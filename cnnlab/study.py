@@ -248,12 +248,18 @@ def _int(value: Any, where: str, low: int) -> int:
     return value
 
 
-def stopping_from(data: Any, where: str) -> Stopping:
+def _table(data: Any, where: str, name: str, keys: tuple[str, ...]) -> dict:
+    """A study file's [name] table, or a one-line error for another type or an unknown key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: [stopping] must be a table")
-    unknown = sorted(set(data) - set(STOPPING_KEYS))
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise ConfigError(f"{where}: stopping: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(STOPPING_KEYS)}")
+        raise ConfigError(f"{where}: {name}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(keys)}")
+    return data
+
+
+def stopping_from(data: Any, where: str) -> Stopping:
+    _table(data, where, "stopping", STOPPING_KEYS)
     until = data.get("until_resolved", False)
     if not isinstance(until, bool):
         raise ConfigError(f"{where}: stopping.until_resolved must be true or false, got {until!r}")
@@ -263,11 +269,7 @@ def stopping_from(data: Any, where: str) -> Stopping:
 
 def export_from(data: Any, where: str) -> dict:
     """[export] int8 = true, calibration = 500, c_header = false (cnnlab.deploy.export_run's options)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: [export] must be a table")
-    unknown = sorted(set(data) - set(EXPORT_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: export: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(EXPORT_KEYS)}")
+    _table(data, where, "export", EXPORT_KEYS)
     out = {"int8": data.get("int8", True), "calibration": data.get("calibration", 500),
            "c_header": data.get("c_header", False)}
     for key in ("int8", "c_header"):

@@ -67,3 +67,26 @@ def _isolated_cache(tmp_path, monkeypatch):
     real = os.environ.get("CNNLAB_DATA", str(Path.home() / ".cache" / "cnnlab"))
     monkeypatch.setenv("CNNLAB_REAL_DATA", real)
     monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "cache"))
+
+
+# A tiny study on synthetic data: 2 variants x 2 seeds, 1 epoch each, one comparison.
+# `extra` adds lines to [variants]; `tail` adds tables after [comparisons].
+TINY_STUDY = """
+name = "tiny"
+seeds = 2
+[base]
+data = {{ name = "idx:{data}", val_size = 100 }}
+model = {{ preset = "lab2-2c2f" }}
+train = {{ epochs = 1, threads = 1 }}
+[variants]
+a = {{}}
+b = {{ model = {{ preset = "lab2-2c3f" }} }}
+{extra}
+[comparisons]
+fc = ["b", "a"]
+"""
+
+
+def write_tiny_study(path: Path, data, extra: str = "", tail: str = "") -> Path:
+    path.write_text(TINY_STUDY.format(data=data, extra=extra) + tail)
+    return path

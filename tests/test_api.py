@@ -19,7 +19,7 @@ import cnnlab
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError, ConfigError, RunError, SpecError
 
-from conftest import make_idx_dir
+from conftest import make_idx_dir, write_tiny_study
 
 SMALL = dict(epochs=2, val_size=100, threads=1)
 
@@ -281,7 +281,7 @@ def test_bad_config_keys_and_values_are_config_errors(tmp_path, data):
         cnnlab.train(preset="lab2-2c2f", config={})
     with pytest.raises(ConfigError, match="give a model"):
         cnnlab.train(epochs=1)
-    with pytest.raises(CnnlabError, match=f"val_size 5000 leaves no training images"):
+    with pytest.raises(CnnlabError, match="val_size 5000 leaves no training images"):
         cnnlab.train(preset="lab2-2c2f", data=f"idx:{data}", out=tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists()
 
@@ -333,24 +333,8 @@ def test_summary_of_a_module(run):
 
 # ---------------------------------------------------------------------------- studies
 
-STUDY = """
-name = "tiny"
-seeds = 2
-[base]
-data = {{ name = "idx:{data}", val_size = 100 }}
-model = {{ preset = "lab2-2c2f" }}
-train = {{ epochs = 1, threads = 1 }}
-[variants]
-a = {{}}
-b = {{ model = {{ preset = "lab2-2c3f" }} }}
-[comparisons]
-fc = ["b", "a"]
-"""
-
-
 def test_study_and_its_numbers_are_the_reports(tmp_path, data, capsys):
-    file = tmp_path / "tiny.toml"
-    file.write_text(STUDY.format(data=data))
+    file = write_tiny_study(tmp_path / "tiny.toml", data)
     out = tmp_path / "out"
     study = cnnlab.study(file, out=out, workers=1)
     printed = capsys.readouterr().out

@@ -14,6 +14,8 @@ import math
 import numpy as np
 import pytest
 
+from conftest import write_tiny_study
+
 from cnnlab import stats
 from cnnlab.study import Comparison, Stopping, Study, decide_all, next_round
 
@@ -144,22 +146,6 @@ def test_an_interaction_contrast_is_one_paired_difference_per_seed():
 
 # ---------------------------------------------------------------------------- a real study
 
-SEQ = """
-name = "seq"
-seeds = 2
-[base]
-data = {{ name = "idx:{data}", val_size = 100 }}
-model = {{ preset = "lab2-2c2f" }}
-train = {{ epochs = 1, threads = 1 }}
-[variants]
-a = {{}}
-b = {{ model = {{ preset = "lab2-2c3f" }} }}
-c = {{ model = {{ preset = "lab2-2c3f", conv_dropout = 0.25 }} }}
-[comparisons]
-fc = ["b", "a"]
-"""
-
-
 def _results(out):
     return {str(p.parent.relative_to(out / "runs")): p.stat().st_mtime_ns
             for p in sorted((out / "runs").glob("*/seed-*/result.json"))}
@@ -168,8 +154,8 @@ def _results(out):
 def test_a_study_until_resolved_stops_continues_and_reruns_as_a_noop(tmp_path, idx_dir, capsys):
     from cnnlab.cli import main
 
-    study, out = tmp_path / "seq.toml", tmp_path / "out"
-    study.write_text(SEQ.format(data=idx_dir))
+    out = tmp_path / "out"
+    study = write_tiny_study(tmp_path / "seq.toml", idx_dir, extra='c = { model = { preset = "lab2-2c3f", conv_dropout = 0.25 } }')
     # 2 seeds give no interval yet, nor 3: the budget of 3 is spent with the comparison open
     assert main(["study", str(study), "--out", str(out), "--until-resolved", "--max-seeds", "3"]) == 0
     text = capsys.readouterr().out

@@ -9,30 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_tiny_study
+
 from cnnlab.cli import main
 from cnnlab.errors import ConfigError
 from cnnlab.study import load_study, study_from_dict
 
-TINY = """
-name = "tiny"
-seeds = 2
-[base]
-data = {{ name = "idx:{data}", val_size = 100 }}
-model = {{ preset = "lab2-2c2f" }}
-train = {{ epochs = 1, threads = 1 }}
-[variants]
-a = {{}}
-b = {{ model = {{ preset = "lab2-2c3f" }} }}
-{extra}
-[comparisons]
-fc = ["b", "a"]
-"""
-
-
 def write_study(tmp_path, idx_dir, extra="") -> Path:
-    p = tmp_path / "tiny.toml"
-    p.write_text(TINY.format(data=idx_dir, extra=extra))
-    return p
+    return write_tiny_study(tmp_path / "tiny.toml", idx_dir, extra)
 
 
 def results(out: Path) -> dict[str, dict]:

@@ -8,32 +8,14 @@ import sys
 
 import pytest
 
-from conftest import make_idx_dir
+from conftest import make_idx_dir, write_tiny_study
 
 from cnnlab import stats
 from cnnlab.cli import main
 
-STUDY = """
-name = "exp"
-seeds = 2
-[base]
-data = {{ name = "idx:{data}", val_size = 100 }}
-model = {{ preset = "lab2-2c2f" }}
-train = {{ epochs = 1, threads = 1 }}
-[variants]
-a = {{}}
-b = {{ model = {{ preset = "lab2-2c3f" }} }}
-[comparisons]
-fc = ["b", "a"]
-{export}
-"""
-
-
-def _study(tmp_path, export="[export]\ncalibration = 40"):
+def _study(tmp_path, export="\n[export]\ncalibration = 40\n"):
     data = make_idx_dir(tmp_path / "synth", n_test=300)  # the fp32 check needs >= 256 test images
-    path = tmp_path / "exp.toml"
-    path.write_text(STUDY.format(data=data, export=export))
-    return path
+    return write_tiny_study(tmp_path / "exp.toml", data, tail=export)
 
 
 def test_a_study_exports_every_finished_run_and_reports_what_int8_costs(tmp_path, capsys):
