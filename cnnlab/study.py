@@ -425,8 +425,9 @@ def next_round(study: Study, seeds: dict[str, list[int]], decisions: dict) -> di
     for name, c in study.comparisons.items():
         if decisions[name][1].resolved:
             continue
-        free = [s for s in range(study.stopping.max_seeds)
-                if any(s not in seeds[v] and s not in add.get(v, ()) for v in c.variants)]
+        # its next `step` seeds that some variant of it has not tried; one another comparison
+        # already asked for this round counts for it too
+        free = [s for s in range(study.stopping.max_seeds) if any(s not in seeds[v] for v in c.variants)]
         for s in free[: study.stopping.step]:
             for v in c.variants:
                 if s not in seeds[v] and s not in add.get(v, []):

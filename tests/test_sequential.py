@@ -133,6 +133,25 @@ def test_the_rounds_on_the_real_code_path_match_the_rule():
         assert len(seeds["nobn"]) <= max(len(seeds["bn"]), len(seeds["p025"]))
 
 
+def test_a_round_adds_step_seeds_once_however_many_open_comparisons_share_a_variant():
+    und = stats.decide(stats.paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 1.0}), 0.5)
+    assert not und.resolved
+    names = ["t25", "f25", "t75", "f75", "other"]
+    comps = {"bn25": Comparison(("t25",), ("f25",)), "bn75": Comparison(("t75",), ("f75",)),
+             "inter": Comparison(("t75", "f75"), ("t25", "f25"))}
+    seeds = {v: [0, 1, 2] for v in names}
+    for step, expected in ((1, [3]), (2, [3, 4])):
+        study = Study("s", [0, 1, 2], {v: None for v in names}, comps, Stopping(True, 8, step))
+        add = next_round(study, seeds, {c: (None, und) for c in comps})
+        assert add == {v: expected for v in ("t25", "f25", "t75", "f75")}  # "other" is in no open comparison
+    # a failed seed stays tried: the next seed is the first untried one, within the budget
+    seeds = {"t25": [0, 1, 2, 3], "f25": [0, 1, 2], "t75": list(range(8)), "f75": list(range(8)), "other": []}
+    study = Study("s", [0, 1, 2], {v: None for v in names}, comps, Stopping(True, 8, 1))
+    assert next_round(study, seeds, {c: (None, und) for c in comps}) == {"f25": [3]}
+    resolved = stats.decide(stats.paired({i: 10.0 + i % 2 for i in range(8)}, {i: 0.0 for i in range(8)}), 0.5)
+    assert next_round(study, seeds, {c: (None, resolved) for c in comps}) == {}
+
+
 def test_an_interaction_contrast_is_one_paired_difference_per_seed():
     acc = {"a1": {0: 90.0, 1: 91.0, 2: 92.0}, "a2": {0: 80.0, 1: 80.0, 2: 81.0},
            "b1": {0: 95.0, 1: 95.0, 2: 96.0}, "b2": {0: 94.0, 1: 94.5}}
