@@ -148,7 +148,7 @@ _TRAIN_TYPES = {"data": str, "epochs": int, "batch_size": int, "lr": float, "see
                 "val_size": int, "eval_mode": str, "device": str, "threads": int}
 
 
-def _run_config(preset, config, overrides: dict[str, Any]):
+def _run_config(preset, config, overrides: dict[str, Any], log=None):
     """preset name or config (a TOML file, a dict of [data]/[model]/[train] tables, or a
     RunConfig) plus overrides -> a validated RunConfig (the CLI's own path:
     commands._common.config_from_args)."""
@@ -162,21 +162,22 @@ def _run_config(preset, config, overrides: dict[str, Any]):
         raise SpecError(f"preset must be a preset name, got {type(preset).__name__} {preset!r}")
     if isinstance(config, dict):
         config = config_from_dict(config, "config")
-    return config_from_args(SimpleNamespace(preset=preset, config=config, **overrides))
+    return config_from_args(SimpleNamespace(preset=preset, config=config, log=log, **overrides))
 
 
 def train(preset: str | None = None, *, config=None, data: str | None = None, epochs: int | None = None,
           batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
           limit: int | None = None, val_size: int | None = None, eval_mode: str | None = None,
-          device: str | None = None, threads: int | None = None, out=None, progress: bool | None = None,
-          command: str | None = None) -> "Run":
+          device: str | None = None, threads: int | None = None, log=None, out=None,
+          progress: bool | None = None, command: str | None = None) -> "Run":
     """Train one model into a run directory and return its Run (`cnnlab train`).
 
     The model: `preset` (lab2-3c3f-bn, lab2-3c3f, lab2-2c3f, lab2-2c2f) or `config`: a TOML
     run configuration or bare model spec file, a dict with the same tables ({"model": {...},
     "train": {...}}), or a cnnlab.config.RunConfig. Keyword overrides replace the config's
     values: data (mnist | fashion-mnist | idx:DIR), epochs, batch_size, lr, seed, limit,
-    val_size, eval_mode ("eval" | "train"), device, threads.
+    val_size, eval_mode ("eval" | "train"), device, threads, and log: experiment trackers
+    (["tensorboard", "mlflow"], or "tensorboard,mlflow" as the CLI's --log; docs/trackers.md).
     `out`: the run directory (default runs/<model>-seed<N>-<time>); one that holds a run is
     refused (resume() continues it). `progress`: None shows the lab's epoch lines, plus bars
     on a terminal or in a notebook; True always bars; False prints nothing.
@@ -190,7 +191,7 @@ def train(preset: str | None = None, *, config=None, data: str | None = None, ep
         raise ConfigError("give either preset or config, not both")
     if not (preset or config is not None):
         raise ConfigError("give a model: --preset NAME or --config FILE (see `cnnlab train --help`)")
-    cfg = _run_config(preset or None, config, overrides)
+    cfg = _run_config(preset or None, config, overrides, log)
     if preset:
         name = preset
     elif isinstance(config, (str, os.PathLike)):
@@ -202,16 +203,18 @@ def train(preset: str | None = None, *, config=None, data: str | None = None, ep
         raise RunError(f"{out} already holds a run; use another --out, or --resume {out} to continue it")
     if command is None:
         shown = config if isinstance(config, (str, os.PathLike, dict)) else None
-        command = _call_text("train", preset=preset or None, config=shown, **overrides, out=out)
+        command = _call_text("train", preset=preset or None, config=shown, **overrides, log=log, out=out)
     return _train(cfg, out, resume=False, progress=progress, command=command)
 
 
 def _train(cfg, out: Path, resume: bool, progress: bool | None, command: str) -> "Run":
     from cnnlab.data import load_dataset
     from cnnlab.spec import layer_table
+    from cnnlab.trackers import require
 
     ds = load_dataset(cfg.data.name)
     layer_table(cfg.model, ds.input_shape, ds.num_classes)  # shape errors before anything is written
+    require(cfg.train.log)  # and a missing tracker package
     echo, bar, close = _console(cfg.train.epochs, progress)
     from cnnlab.train import train_run
 
@@ -680,6 +683,9 @@ def study(file, *, out=None, seeds: int | None = None, epochs: int | None = None
         s, study_file = load_study_file(file), Path(file)
     s = override(s, seeds=seeds, epochs=epochs, limit=limit, device=device, data=data,
                  until_resolved=until_resolved, max_seeds=max_seeds, export=export)
+    from cnnlab.trackers import require
+
+    require(dict.fromkeys(n for c in s.variants.values() for n in c.train.log))  # before any run, not once per run
     for flag, v in (("workers", workers), ("threads", threads), ("retries", retries), ("batch_seeds", batch_seeds)):
         if v is not None and v < (0 if flag == "retries" else 1):
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'retries' else 1}, got {v}")

@@ -24,6 +24,7 @@ from typing import Any
 
 from cnnlab.errors import ConfigError, SpecError
 from cnnlab.spec import PRESETS, ModelSpec, dataclass_from_table, spec_from_dict
+from cnnlab.trackers import TRACKERS  # the names only: no tracker package is imported
 
 EVAL_MODES = ("eval", "train")
 
@@ -46,6 +47,9 @@ class TrainConfig:
     eval_mode: str = "eval"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # intra-op threads; 0 = torch's default
+    # experiment trackers that also record the run (cnnlab.trackers): "tensorboard", "mlflow".
+    # Left out of config.toml when empty, so run directories made before it still match.
+    log: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,12 @@ class RunConfig:
         model = self.model.to_dict()
         if self.preset:
             model = {"preset": self.preset, **model}
-        return {"data": dataclasses.asdict(self.data), "model": model, "train": dataclasses.asdict(self.train)}
+        train = dataclasses.asdict(self.train)
+        if train["log"]:
+            train["log"] = list(train["log"])
+        else:
+            del train["log"]
+        return {"data": dataclasses.asdict(self.data), "model": model, "train": train}
 
 
 MODEL_KEYS = ("preset", "conv", "fc", "bn", "conv_dropout", "fc_dropout")
@@ -111,11 +120,27 @@ def config_from_dict(data: Any, where: str = "config") -> RunConfig:
     cfg = RunConfig(
         data=dataclass_from_table(DataConfig, data.get("data", {}), f"{where}: data", ConfigError),
         model=spec,
-        train=dataclass_from_table(TrainConfig, data.get("train", {}), f"{where}: train", ConfigError),
+        train=_train_from_table(data.get("train", {}), f"{where}: train"),
         preset=name,
     )
     validate(cfg, where)
     return cfg
+
+
+def _train_from_table(data: Any, where: str) -> TrainConfig:
+    """[train]: its scalar keys typed as every table's, and `log`, a list of tracker names."""
+    table = dict(data) if isinstance(data, dict) else data  # not a table: dataclass_from_table says so
+    log = table.pop("log", ()) if isinstance(table, dict) else ()
+    train = dataclass_from_table(TrainConfig, table, where, ConfigError)
+    return dataclasses.replace(train, log=log_names(log, f"{where}: log"))
+
+
+def log_names(value: Any, where: str = "log") -> tuple[str, ...]:
+    """A list of tracker names as a tuple, each once; validate() checks the names."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: must be a list of tracker names, e.g. [\"tensorboard\", \"mlflow\"], "
+                          f"got {value!r}")
+    return tuple(dict.fromkeys(value))
 
 
 def validate(cfg: RunConfig, where: str = "config") -> None:
@@ -131,6 +156,9 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: eval_mode must be one of {', '.join(EVAL_MODES)}, got {t.eval_mode!r}")
     if t.threads < 0:
         raise ConfigError(f"{where}: threads must be >= 0, got {t.threads}")
+    for name in t.log:
+        if name not in TRACKERS:
+            raise ConfigError(f"{where}: log: unknown tracker {name!r}; available: {', '.join(TRACKERS)}")
 
 
 def load_config(path) -> RunConfig:

@@ -48,7 +48,7 @@ class Display:
         if outcome["status"] == "done":
             self.done += 1
             res = read_result(task.run_dir) or {}
-            msg = ("exported" if outcome.get("exported_only") else "done    ") + (
+            msg = ("exported " if outcome.get("exported_only") else "done    ") + (
                 f"{task.label}: test accuracy {res.get('test_accuracy', float('nan')):.2f}%")
             if outcome.get("export_error"):
                 msg += f"; export FAILED: {outcome['export_error']}"

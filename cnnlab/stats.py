@@ -4,8 +4,8 @@ Every claim the report makes about a variant or a difference comes from here:
 
     summarize([87.1, 86.9, 87.4])                   -> Summary(n, mean, std, ci_low, ci_high)
     paired({0: 87.1, 1: 86.9}, {0: 86.0, 1: 86.5})  -> Paired (matched seeds only, unadjusted)
-    decide(paired, m=4, sequential=True)            -> Decision: the interval and the verdict
-    verdict_text("bn", "A", "B", decision)          -> one sentence
+    decide(paired, 0.5, m=4, sequential=True)       -> Decision: the interval and the verdict
+    verdict_text("A", "B", decision)                -> one sentence
 
 Conventions: sd uses ddof=1 (seeds are a sample); `summarize` and `paired` give plain 95%
 t-intervals. A verdict uses one interval, and the verdict and the interval always agree:
@@ -293,18 +293,18 @@ def _seeds(n: int) -> str:
     return f"{n} seed" + ("" if n == 1 else "s")
 
 
-def verdict_text(a: str, b: str, d: Decision, digits: int = 2, detail: bool = True) -> str:
+def verdict_text(a: str, b: str, d: Decision, digits: int = 2, detail: bool = True, better: str = "better") -> str:
     """'A better by 15.80 pts [9.10, 22.50] (6 seeds)', 'equivalent within ±0.5 pts ...', or why
     not yet; detail=False leaves out the interval and the seeds (a table shows them beside it).
-    a and b name the two sides (a variant, or a difference of two)."""
+    a and b name the two sides (a variant, or a difference of two: then better="larger")."""
     ci = interval_text(d.ci_low, d.ci_high, digits)
     if d.n == 0:
         return "no seed finished on both sides"
     if d.kind in ("a", "b"):
-        better = a if d.kind == "a" else b
+        winner = a if d.kind == "a" else b
         inside = (f", inside the ±{d.margin:g} pts margin" if d.margin > 0 and -d.margin < d.ci_low
                   and d.ci_high < d.margin else "")
-        head = f"{better} better by {abs(d.diff):.{digits}f} pts"
+        head = f"{winner} {better} by {abs(d.diff):.{digits}f} pts"
         return f"{head} {ci} ({_seeds(d.n)}{inside})" if detail else head + (f" ({inside[2:]})" if inside else "")
     if d.kind == "equivalent":
         head = f"equivalent within ±{d.margin:g} pts"

@@ -59,6 +59,11 @@ class Comparison:
         return side[0] if len(side) == 1 else f"({side[0]} − {side[1]})"
 
     @property
+    def better(self) -> str:
+        """How a verdict says a side won: a variant is "better", a difference "larger"."""
+        return "better" if len(self.a) == 1 else "larger"
+
+    @property
     def label_a(self) -> str:
         return self.side_label(self.a)
 
@@ -478,8 +483,12 @@ def export_finished(task: Task, echo) -> str | None:
 
 
 def check_existing(task: Task) -> None:
-    """A run directory that exists must have been made by the same configuration."""
+    """A run directory that exists must have been made by the same configuration. Trackers
+    (train.log) only record a run, so a study may add or drop them for runs it already has."""
     import tomllib
+
+    def results_config(cfg: dict) -> dict:
+        return {**cfg, "train": {k: v for k, v in cfg.get("train", {}).items() if k != "log"}}
 
     p = Path(task.run_dir) / "config.toml"
     if not p.exists():
@@ -488,7 +497,7 @@ def check_existing(task: Task) -> None:
         stored = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, OSError):
         return  # unreadable config of an unfinished run: it will be rewritten on resume
-    if stored != task.config:
+    if results_config(stored) != results_config(task.config):
         raise ConfigError(
             f"{task.run_dir} was trained with a different configuration than the study now asks for; "
             "use a new --out directory for a changed study (finished runs are never overwritten)"

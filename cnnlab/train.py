@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import cpu_model, fastops, native, versions
+from cnnlab import cpu_model, fastops, native, trackers, versions
 from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
@@ -357,6 +357,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: Path, ds, resume: bool, echo, command, checkpoint):
         self.t0 = time.time()
+        trackers.require(cfg.train.log)  # a missing tracker package is a ConfigError before anything is done
         self.cfg, self.out, self.echo, self.checkpoint = cfg, out, echo, checkpoint
         clean_temp_files(out)
         clean_temp_files(out / "checkpoints")
@@ -414,6 +415,7 @@ class Run:
             self.base_result["kernels"] = f"{self.batched}; from epoch {self.start_epoch} alone on torch's kernels"
         if (out / "result.json").exists():
             (out / "result.json").unlink()  # a stale result must never describe this run
+        self.trackers = trackers.Trackers(cfg, out, self.start_epoch, echo)  # [train] log (cnnlab.trackers)
 
     def _write_logs(self, tail: str = "") -> None:
         atomic_write_text(self.out / "metrics.csv", _metrics_csv(self.rows))
@@ -427,6 +429,7 @@ class Run:
         loss_sum = step_loss.sum()
         bad = int(torch.argmin(torch.isfinite(step_loss).to(torch.int8)))  # the first non-finite step
         if not math.isfinite(step_loss[bad]):
+            self.trackers.finish(None)
             _fail(self.out, self.base_result, self.t0, epoch, bad, self.rows,
                   f"loss became {float(loss_sum)} at epoch {epoch}, step {bad}; lower the learning rate (lr={tc.lr})")
         correct = (pred == data.y_train[perm]).sum()
@@ -435,6 +438,7 @@ class Run:
                "val_loss": vl, "val_acc": va, "seconds": time.time() - te}
         self.rows.append(row)
         self.echo(format_epoch(row))
+        self.trackers.epoch(row)
         if va > self.best_val:
             self.best_val, self.best_epoch = va, epoch
         meta = {"spec": self.cfg.model.to_dict(), "in_shape": list(self.in_shape), "num_classes": self.num_classes,
@@ -480,6 +484,7 @@ class Run:
         self.echo(line)
         self._write_logs(line + "\n")
         atomic_write_json(self.out / "result.json", result)
+        self.trackers.finish(result)
         return result
 
 

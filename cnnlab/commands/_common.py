@@ -26,6 +26,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="headline evaluation: eval = model.eval() (default); train = the lab's way, dropout/BN left "
                         "in training mode. Both are always recorded in result.json")
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: torch's choice)")
+    p.add_argument("--log", metavar="NAMES",
+                   help="experiment trackers that also record the run, comma-separated: tensorboard, mlflow "
+                        "(each an extra: pip install -e '.[tensorboard]'); '' = none (default: the config's, else "
+                        "none; docs/trackers.md)")
 
 
 def load_config_file(path):
@@ -48,7 +52,7 @@ def load_config_file(path):
 
 def config_from_args(args):
     """--preset/--config plus flag overrides -> a validated RunConfig."""
-    from cnnlab.config import RunConfig, config_from_dict, validate
+    from cnnlab.config import RunConfig, config_from_dict, log_names, validate
     from cnnlab.errors import SpecError
     from cnnlab.spec import PRESETS
 
@@ -62,6 +66,9 @@ def config_from_args(args):
     train = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                                ("seed", args.seed), ("device", args.device), ("eval_mode", args.eval_mode),
                                ("threads", args.threads)) if v is not None}
+    if args.log is not None:  # "tensorboard,mlflow" (the CLI's) or a list of names (cnnlab.train's)
+        log = [n.strip() for n in args.log.split(",") if n.strip()] if isinstance(args.log, str) else args.log
+        train["log"] = log_names(log, "--log")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data),
                               train=dataclasses.replace(cfg.train, **train))
     validate(cfg, "command line")

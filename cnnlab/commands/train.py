@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
         run = api.train(args.preset, config=args.config, data=args.data, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,
                         val_size=args.val_size, eval_mode=args.eval_mode, device=args.device,
-                        threads=args.threads, out=args.out, command=command)
+                        threads=args.threads, log=args.log, out=args.out, command=command)
     print(f"run directory: {run.path}")
     return 0

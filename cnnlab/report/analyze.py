@@ -205,7 +205,7 @@ def compare(study: Study, vstats: dict[str, VariantStats], key: str = "acc") -> 
     out = []
     for name, c in study.comparisons.items():
         pr, d = decided[name]
-        out.append(ComparisonStats(name, c, pr, d, stats.verdict_text(c.label_a, c.label_b, d)))
+        out.append(ComparisonStats(name, c, pr, d, stats.verdict_text(c.label_a, c.label_b, d, better=c.better)))
     return out
 
 

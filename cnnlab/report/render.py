@@ -180,7 +180,8 @@ def _ci(d: stats.Decision) -> str:
 
 def verdict_table(an: Analysis) -> Table:
     """The report's lead: each question, its verdict, the interval it rests on, the seeds it took."""
-    rows = [(c.name, c.a, c.b, stats.verdict_text(c.a, c.b, c.decision, detail=False), signed(c.decision.diff),
+    rows = [(c.name, c.a, c.b, stats.verdict_text(c.a, c.b, c.decision, detail=False, better=c.comparison.better),
+             signed(c.decision.diff),
              _ci(c.decision), c.decision.n)
             for c in an.comparisons]
     level = an.comparisons[0].decision.level if an.comparisons else 0.95
@@ -395,8 +396,8 @@ def _deployment(study: Study, an: Analysis, figs: "Figures") -> list:
         "Each exported run's last checkpoint as ONNX: fp32 (BatchNorm folded) and int8 (static post-training "
         "quantisation: QDQ, per-channel weights, calibrated on the run's own training images), both run with "
         "onnxruntime's CPU provider on the whole test set (cnnlab export; docs/deploy.md). int8 − fp32 is "
-        f"paired by seed; its interval has confidence {d0.level:.2%}".replace(".00%", "%")
-        + f" ({d0.method}), and int8 is called equivalent when that interval lies within ±{d0.margin:g} pts.")]
+        f"paired by seed; its interval is the {d0.method}, and int8 is called equivalent when that interval "
+        f"lies within ±{d0.margin:g} pts.")]
     out.append(table(("variant", "n", "fp32 test acc (%)", "int8 test acc (%)", "int8 − fp32 (pts)", "interval",
                       "verdict", "argmax agreement (%)"),
                      [(dv.variant, len(dv.seeds), f"{num(dv.fp32.mean)} ± {sd_text(dv.fp32)}",
