@@ -7,7 +7,7 @@ Built from stored results only (docs/layout.md), never by training. The pipeline
 computation and display apart:
 
     collect.py   study dir -> plain data (runs, metrics, results; failed/missing runs kept)
-    analyze.py   plain data -> numbers (cnnlab.stats: summaries, paired tests, Holm)
+    analyze.py   plain data -> numbers (cnnlab.stats: summaries, intervals, verdicts; factorial)
     figures.py   numbers -> PNG figures (plots.py: matplotlib Agg; graph.py: Graphviz dot)
     render.py    numbers + figures -> Markdown and self-contained HTML
 

@@ -1,6 +1,7 @@
 """Numbers for the report, from a collected Study: per-variant summaries, curves over seeds,
-comparisons with Holm correction, train/eval-mode gaps, the best variant's confusion matrix
-and misclassified images. Plain data in, plain data out; render.py formats it.
+comparisons with their verdicts (one family: Bonferroni, sequential when the study was), a
+grid's factorial analysis, deployment figures, train/eval-mode gaps, the best variant's
+confusion matrix and misclassified images. Plain data in, plain data out; render.py formats it.
 """
 
 from __future__ import annotations
