@@ -113,6 +113,12 @@ def native_blocks(spy) -> int:
     return sum(1 for name in spy if name.startswith("cl_block_forward"))
 
 
+def n_blocks(spec) -> int:
+    """The blocks a pass must run natively: conv and fc alike (an fc-only net has no conv
+    block, and `>= len(spec.conv)` would be `>= 0`, true whatever ran)."""
+    return len(spec.conv) + len(spec.fc)
+
+
 def block_kernels(spy) -> list[str]:
     """The kernels called, less the random-byte generator: with the kernels loaded, every
     dropout mask on the CPU draws its bytes there, on the torch path too (so that both paths
@@ -235,7 +241,7 @@ def test_native_training_step_and_eval_equal_torch_modules(lib, spy, monkeypatch
     out_r, loss_r = train_step(ref, x, y, seed=5)
     assert not block_kernels(spy)
     out_n, loss_n = (train_step if how == "autograd" else native_step)(net, x, y, seed=5)
-    assert native_blocks(spy) >= len(spec.conv), "the native path did not run"
+    assert native_blocks(spy) >= n_blocks(spec), "the native path did not run"
     assert ("cl_train_step" in spy) == (how == "C step")
     assert_close(out_n, out_r, "training output")
     assert_close(loss_n, loss_r, "loss")
@@ -264,7 +270,7 @@ def test_native_training_step_and_eval_equal_torch_modules(lib, spy, monkeypatch
     spy.clear()
     with torch.no_grad():
         ev_r, ev_n = ref(x), net(x)
-    assert native_blocks(spy) >= len(spec.conv)
+    assert native_blocks(spy) >= n_blocks(spec)
     assert_close(ev_n, ev_r, "eval output")
     assert not torch.allclose(ev_r, out_r, atol=1e-3)  # eval really differs from training (dropout/BN)
 
@@ -290,7 +296,7 @@ def test_adam_steps_stay_close(lib, spy, case):
             opt.zero_grad()
             losses[i].append(train_step(m, x, y, seed=100 + step)[1].item())
             opt.step()
-    assert native_blocks(spy) >= steps * len(spec.conv)
+    assert native_blocks(spy) >= steps * n_blocks(spec)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
     # the noise biases, and the running mean of the BN right after each (it carries the bias)
     skip = {k for b in noise_biases(ref) for k in (b, f"{int(b.split('.')[0]) + 1}.running_mean")}
@@ -333,7 +339,7 @@ def test_input_gradient_and_eval_mode_gradients(lib, spy):
                 spy.clear()
                 out, _ = train_step(m, xr, y, seed=3)
                 grads.append((out, xr.grad, [p.grad for p in m.parameters()]))
-            assert (native_blocks(spy) >= len(spec.conv)) if native_expected or training else not spy, training
+            assert (native_blocks(spy) >= n_blocks(spec)) if native_expected or training else not spy, training
             assert_close(grads[1][0], grads[0][0], "output")
             assert_close(grads[1][1], grads[0][1], "input gradient")
             noise = set(noise_biases(ref))
@@ -365,7 +371,7 @@ def test_non_contiguous_inputs_and_training_without_grad(lib, spy, layout):
                 outs.append(m(x))  # still updates the BatchNorm running statistics
         else:
             outs.append(train_step(m, x, y, seed=2)[0])
-    assert native_blocks(spy) >= len(spec.conv)
+    assert native_blocks(spy) >= n_blocks(spec)
     assert_close(outs[1], outs[0], "output")
     noise = set(noise_biases(ref))
     for (k, p), q in zip(ref.named_parameters(), net.parameters()):
@@ -669,7 +675,7 @@ def test_native_runs_are_bit_identical_with_the_same_seed(lib, spy, case):
     _, c = pair(spec, in_shape)
     x, y = data(in_shape, batch)
     ra, rb, rc = train_step(a, x, y, seed=7), train_step(b, x, y, seed=7), train_step(c, x, y, seed=8)
-    assert native_blocks(spy) >= 3 * len(spec.conv)
+    assert native_blocks(spy) >= 3 * n_blocks(spec)
     assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad), k

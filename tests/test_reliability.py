@@ -222,23 +222,32 @@ def test_study_worker_killed_mid_run_is_resumed(tmp_path, idx_dir):
     # and the killed run ended exactly as an undisturbed one
     ref = tmp_path / "ref"
     r = cli("study", str(study), "--out", str(ref), "--workers", "1", "--no-report")
+    assert r.returncode == 0, r.stderr
     for seed in (0, 1):
         assert_identical_runs(ref / "runs/a" / f"seed-{seed}", out / "runs/a" / f"seed-{seed}")
 
 
 def test_two_studies_on_one_directory(tmp_path, idx_dir):
+    """A second `cnnlab study` on a directory whose study is running is refused. The second one
+    starts from inside the first's executor, so the first surely holds its lock then."""
+    from cnnlab.executors import LocalExecutor
+    from cnnlab.runner import run_study
+    from cnnlab.study import load_study
+
     study = tmp_path / "s.toml"
     study.write_text(f'seeds = 1\n[base]\ndata = {{ name = "idx:{idx_dir}", val_size = 100 }}\n'
                      f'train = {{ epochs = 2, threads = 1 }}\n[variants]\na = {{ model = {{ preset = "lab2-2c2f" }} }}\n')
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "cnnlab.cli", "study", str(study), "--out", str(out), "--no-report"]
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import time
 
-    deadline = time.time() + 60
-    while not (out / "study.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    second = subprocess.run(args, capture_output=True, text=True)
-    assert first.wait(timeout=120) == 0
-    assert second.returncode == 2 and "another `cnnlab study` is running" in second.stderr
-    assert json.loads((out / "runs/a/seed-0/result.json").read_text())["status"] == "done"
+    class SecondStudyFirst(LocalExecutor):
+        def run(self, tasks, on_done):
+            self.second = cli("study", str(study), "--out", str(out), "--no-report")
+            super().run(tasks, on_done)
+
+    executor = SecondStudyFirst(1)
+    counts = run_study(load_study(study), out, executor, report=False)
+    assert executor.second.returncode == 2 and "another `cnnlab study` is running" in executor.second.stderr
+    assert counts["done"] == 1 and json.loads((out / "runs/a/seed-0/result.json").read_text())["status"] == "done"
+    # and once the first has finished, the directory is free again: a re-run is a no-op
+    again = cli("study", str(study), "--out", str(out), "--no-report")
+    assert again.returncode == 0 and "0 runs trained, 1 already finished" in again.stdout
