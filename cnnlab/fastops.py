@@ -434,25 +434,8 @@ def _set_grad(t: torch.Tensor, g: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------- the step in one C call
 
 
-_INTS = ("fc", "C", "H", "W", "k", "s", "p", "Ho", "Wo", "O", "pool", "flatten", "flat_hw", "mask_bits", "threshold",
-         "direct")
 _MAX_TAPS = 64  # kernels.c's MAX_TAPS
 DIRECT_CONV1 = True  # bench/ablate.py switches it off
-_BUFS = ("cols", "z", "out", "invstd", "gz", "gout", "dcols", "feats", "arg", "mask_raw", "mask")
-
-
-class _CBlock(ctypes.Structure):
-    """kernels.c's cl_block."""
-    _fields_ = ([(n, ctypes.c_int) for n in _INTS] + [("scale", ctypes.c_float), ("batch_stats", ctypes.c_int),
-                                                        ("momentum", ctypes.c_double), ("eps", ctypes.c_double)]
-                + [(n, ctypes.c_void_p) for n in _BUFS])
-
-
-class _AdamArgs(ctypes.Structure):
-    """kernels.c's cl_adam_args."""
-    _fields_ = ([("nt", ctypes.c_int)] + [(n, ctypes.c_void_p) for n in
-                                          ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "sizes")]
-                + [(n, ctypes.c_double) for n in ("lr", "beta1", "beta2", "eps")] + [("vec", ctypes.c_int)])
 
 
 class PlanMismatch(Exception):
@@ -486,7 +469,7 @@ class TrainStep:
         cblocks = []
         tmp_n = 1
         for parts in blocks:
-            d = dict.fromkeys(_INTS, 0)
+            d = dict.fromkeys(native.BLOCK_INTS, 0)
             bufs = {}
             O = parts.conv.weight.shape[0]
             d["fc"], d["O"] = int(parts.fc), O
@@ -523,7 +506,7 @@ class TrainStep:
                 d.update(mask_bits=drop.bits, threshold=drop.threshold)
                 bufs["mask_raw"] = self._buf(O * N * drop.bits // 8, torch.uint8)
                 bufs["mask"] = self._buf(O * N * drop.bits // 8, torch.uint8)
-            cb = _CBlock(**d, **{k: _ptr(v) for k, v in bufs.items()})
+            cb = native.CBlock(**d, **{k: _ptr(v) for k, v in bufs.items()})
             if d["mask_bits"]:
                 cb.scale = drop.scale
             bn = parts.bn
@@ -537,7 +520,7 @@ class TrainStep:
         self.hfeats = self._buf(self.F * B) if len(last) == 3 else None
         self.hgrad = bw(self.F * B) if len(last) == 3 else None
         self.probs = bw(B * self.K)
-        self.cblocks = (_CBlock * len(cblocks))(*cblocks)
+        self.cblocks = (native.CBlock * len(cblocks))(*cblocks)
         self._sizes = [(cb.O, cb.O * cb.C * cb.k * cb.k) for cb in cblocks]  # per block: O, the weight's size
         self._grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its gradient buffer
 
@@ -736,7 +719,7 @@ class LeanAdam(torch.optim.Adam):
             return None
         return g
 
-    def c_args(self, grads: list | None = None) -> "_AdamArgs | None":
+    def c_args(self, grads: list | None = None) -> "native.AdamArgs | None":
         """kernels.c's cl_adam_args for a step with these gradients (default: each .grad): None
         unless the fast step applies, every state exists, and every tensor is a plain CPU
         float32 one with the native kernels built."""
@@ -757,7 +740,7 @@ class LeanAdam(torch.optim.Adam):
                    [s["step"] for s in states])]
         beta1, beta2 = g["betas"]
         arrays.append((ctypes.c_int64 * n)(*[p.numel() for p in params]))
-        args = _AdamArgs(n, *[ctypes.addressof(a) for a in arrays], float(g["lr"]), float(beta1), float(beta2),
+        args = native.AdamArgs(n, *[ctypes.addressof(a) for a in arrays], float(g["lr"]), float(beta1), float(beta2),
                          float(g["eps"]), _adam_vector_width())
         args.keep = arrays  # the arrays live as long as the struct that points into them
         return args

@@ -1028,3 +1028,39 @@ def test_a_run_of_steps_with_a_bad_label_stops_there_like_the_steps(lib, sgemm):
     assert torch.equal(la[:2], lb[:2]) and torch.equal(pa[:2 * batch], pb[:2 * batch])
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+# ---------------------------------------------------------------------------- struct layouts
+
+def test_the_ctypes_mirrors_match_kernels_c_and_a_wrong_one_is_refused(monkeypatch):
+    lib = native.library()
+    if lib is None:
+        pytest.skip(native.describe())
+    native.check_layouts(lib)  # the real mirrors match: sizes and every offset
+
+    def swapped(fields, a, b):
+        names = [f[0] for f in fields]
+        i, j = names.index(a), names.index(b)
+        out = list(fields)
+        out[i], out[j] = out[j], out[i]
+        return out
+
+    class BadBlock(ctypes.Structure):  # scale and batch_stats swapped: same size, other offsets
+        _fields_ = swapped(native.CBlock._fields_, "scale", "batch_stats")
+
+    class ShortAdam(ctypes.Structure):  # a field the C side has is missing
+        _fields_ = native.AdamArgs._fields_[:-1]
+
+    for which, struct, message in ((0, BadBlock, "cl_block's layout differs .* at field 'scale'"),
+                                   (1, ShortAdam, "cl_adam_args's layout differs .* at its size")):
+        with monkeypatch.context() as m:
+            cname, _, names = native.STRUCTS[which]
+            m.setitem(native.STRUCTS, which, (cname, struct, names))
+            with pytest.raises(RuntimeError, match=message):
+                native.check_layouts(lib)
+            # loading the kernels with such a mirror falls back to torch's and says why
+            m.setattr(native, "_lib", None)
+            m.setattr(native, "_status", None)
+            assert native.library() is None
+            assert native.describe().startswith("torch (native kernels unavailable:") and "layout differs" in native.describe()
+    assert native.library() is lib  # restored

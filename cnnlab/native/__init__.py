@@ -39,7 +39,34 @@ SIGNATURES = {  # name: argument types (restype None), or (argument types, resty
     "cl_train_steps": ([_I, _P, _P, _P, _I, _I, _P, _P, ctypes.c_long, ctypes.c_long, _P, _I, _I, _I] + [_P] * 12,
                        _I),
     "cl_adam": [_I, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I],
+    "cl_layout": ([_I, _P, _I], _I),
 }
+
+# kernels.c's structs, mirrored with ctypes. The field names in kernels.c's order, which is also
+# the order cl_layout reports their offsets in; library() checks every mirror's size and each
+# named field's offset against it before any kernel runs.
+BLOCK_INTS = ("fc", "C", "H", "W", "k", "s", "p", "Ho", "Wo", "O", "pool", "flatten", "flat_hw", "mask_bits",
+              "threshold", "direct")
+BLOCK_BUFS = ("cols", "z", "out", "invstd", "gz", "gout", "dcols", "feats", "arg", "mask_raw", "mask")
+BLOCK_FIELDS = BLOCK_INTS + ("scale", "batch_stats", "momentum", "eps") + BLOCK_BUFS
+ADAM_FIELDS = ("nt", "params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "sizes", "lr", "beta1", "beta2", "eps",
+               "vec")
+
+
+class CBlock(ctypes.Structure):
+    """kernels.c's cl_block."""
+    _fields_ = ([(n, _I) for n in BLOCK_INTS] + [("scale", _F), ("batch_stats", _I), ("momentum", _D), ("eps", _D)]
+                + [(n, _P) for n in BLOCK_BUFS])
+
+
+class AdamArgs(ctypes.Structure):
+    """kernels.c's cl_adam_args."""
+    _fields_ = ([("nt", _I)] + [(n, _P) for n in ADAM_FIELDS[1:7]] + [(n, _D) for n in ADAM_FIELDS[7:11]]
+                + [("vec", _I)])
+
+
+STRUCTS = {0: ("cl_block", CBlock, BLOCK_FIELDS), 1: ("cl_adam_args", AdamArgs, ADAM_FIELDS)}  # cl_layout's `which`
+
 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None
@@ -114,11 +141,31 @@ def library() -> ctypes.CDLL | None:
         for name, sig in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
+        check_layouts(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"torch (native kernels unavailable: {e})"
         return None
     _lib, _status = lib, f"native ({Path(cc).name} {' '.join(FLAGS[1:3])})"
     return _lib
+
+
+def check_layouts(lib) -> None:
+    """RuntimeError unless every ctypes mirror in STRUCTS has the C struct's size and each named
+    field at the C struct's offset: a mismatch would make the kernels read and write the wrong
+    bytes, so then the kernels are not used at all."""
+    for which, (cname, struct, names) in STRUCTS.items():
+        c = (ctypes.c_int64 * 64)()
+        n = lib.cl_layout(which, c, len(c))
+        if n != len(names) + 1:
+            raise RuntimeError(f"{cname} has {n - 1} fields in kernels.c and {len(names)} in cnnlab/native's list")
+        if c[0] != ctypes.sizeof(struct):
+            raise RuntimeError(f"{cname}'s layout differs between kernels.c and its ctypes mirror at its size "
+                               f"({c[0]} bytes in C, {ctypes.sizeof(struct)} in Python)")
+        for name, offset in zip(names, c[1:n]):
+            got = getattr(getattr(struct, name, None), "offset", None)
+            if got != offset:
+                raise RuntimeError(f"{cname}'s layout differs between kernels.c and its ctypes mirror at field "
+                                   f"{name!r} (offset {offset} in C, {got} in Python)")
 
 
 _sgemm: int | None = None

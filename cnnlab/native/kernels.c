@@ -29,6 +29,7 @@
  */
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1049,4 +1050,37 @@ void cl_adam(int nt, float **params, float **grads, float **exp_avgs, float **ex
             p[i] = p[i] + (neg_step * mi) / (sqrtf(vi) / bs + e);
         }
     }
+}
+
+
+/* ---------------------------------------------------------------------------- layouts */
+
+/* The layout of the structs cnnlab/native/__init__.py mirrors with ctypes, which it checks at
+ * load (a mismatch would corrupt memory silently): out = {sizeof, each field's offset in
+ * declaration order}. which 0: cl_block, 1: cl_adam_args. Returns how many numbers it
+ * wrote; -1 for an unknown struct or an out shorter than that. */
+int cl_layout(int which, int64_t *out, int n)
+{
+#define OFF(T, f) (int64_t)offsetof(T, f)
+    const int64_t block[] = {
+        (int64_t)sizeof(cl_block), OFF(cl_block, fc), OFF(cl_block, C), OFF(cl_block, H), OFF(cl_block, W),
+        OFF(cl_block, k), OFF(cl_block, s), OFF(cl_block, p), OFF(cl_block, Ho), OFF(cl_block, Wo),
+        OFF(cl_block, O), OFF(cl_block, pool), OFF(cl_block, flatten), OFF(cl_block, flat_hw),
+        OFF(cl_block, mask_bits), OFF(cl_block, threshold), OFF(cl_block, direct), OFF(cl_block, scale),
+        OFF(cl_block, batch_stats), OFF(cl_block, momentum), OFF(cl_block, eps), OFF(cl_block, cols),
+        OFF(cl_block, z), OFF(cl_block, out), OFF(cl_block, invstd), OFF(cl_block, gz), OFF(cl_block, gout),
+        OFF(cl_block, dcols), OFF(cl_block, feats), OFF(cl_block, arg), OFF(cl_block, mask_raw),
+        OFF(cl_block, mask)};
+    const int64_t adam[] = {
+        (int64_t)sizeof(cl_adam_args), OFF(cl_adam_args, nt), OFF(cl_adam_args, params),
+        OFF(cl_adam_args, grads), OFF(cl_adam_args, exp_avgs), OFF(cl_adam_args, exp_avg_sqs),
+        OFF(cl_adam_args, steps), OFF(cl_adam_args, sizes), OFF(cl_adam_args, lr), OFF(cl_adam_args, beta1),
+        OFF(cl_adam_args, beta2), OFF(cl_adam_args, eps), OFF(cl_adam_args, vec)};
+#undef OFF
+    const int64_t *src = which == 0 ? block : which == 1 ? adam : NULL;
+    int len = which == 0 ? (int)(sizeof block / sizeof *block) : (int)(sizeof adam / sizeof *adam);
+    if (src == NULL || n < len)
+        return -1;
+    memcpy(out, src, (size_t)len * sizeof *out);
+    return len;
 }
