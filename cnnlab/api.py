@@ -848,12 +848,12 @@ class Study:
             return f'<div class="cnnlab-study">{html.escape(str(ex))}</div>'
 
     def _card(self) -> str:
-        from cnnlab.report import render
+        from cnnlab.report import analyze, render
 
         e = html.escape
         s, an = self._load(), self._analysis()
         parts = [f"<div><strong>study {e(s.name)}</strong> <code>{e(_path_text(self.path))}</code></div>",
-                 f'<div style="font-size:.85em;color:#555">{e(render.protocol_line(s, an))}</div>']
+                 f'<div style="font-size:.85em;color:#555">{e(analyze.protocol_line(s, an))}</div>']
         if an.comparisons:
             parts.append(_table_html(render.verdict_table(an)))
             open_ = [c.name for c in an.comparisons if not c.decision.resolved]

@@ -39,7 +39,8 @@ from cnnlab import fastops, model as model_mod
 from cnnlab.config import RunConfig
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.model import build_model
-from cnnlab.train import PROGRESS_STEPS, Run, _fault_point, _maybe_die, run_directory
+from cnnlab import faults
+from cnnlab.train import PROGRESS_STEPS, Run, run_directory
 
 _KINDS = (nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, model_mod.FastDropout, nn.Dropout, nn.ReLU, nn.MaxPool2d,
           nn.Flatten, nn.Linear)
@@ -224,7 +225,7 @@ def _train(runs: list[Run], progresses) -> list[dict | RunError]:
     offsets = (torch.arange(K, device=device) * n).unsqueeze(1)
     steps = math.ceil(n / bs)
     outcome: list[dict | RunError | None] = [None] * K
-    fault = _fault_point()
+    fault = faults.point()
     for epoch in range(tc.epochs):
         te = time.time()
         live = [k for k in range(K) if outcome[k] is None]
@@ -252,7 +253,7 @@ def _train(runs: list[Run], progresses) -> list[dict | RunError]:
                 for k in live:
                     if progresses[k]:
                         progresses[k](epoch, step + 1, steps)
-            _maybe_die(fault, "kill", epoch, step)
+            faults.maybe_die(fault, "kill", epoch, step)
         share = (time.time() - te) / K  # each run's epoch seconds: its share of the steps, then its own evaluation
         for k in live:
             r = runs[k]

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from cnnlab import faults
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -25,7 +27,7 @@ def atomic_write(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _maybe_die_before_rename(path)
+        faults.maybe_die_before_rename(path)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -41,24 +43,6 @@ def atomic_write(path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
-
-
-_write_counts: dict[str, int] = {}
-
-
-def _maybe_die_before_rename(path: Path) -> None:
-    """CNNLAB_FAULT_WRITE="NAME:N": SIGKILL this process on the N-th write of a file named NAME,
-    after its temp file is written and before the rename. For tests/test_reliability.py only."""
-    spec = os.environ.get("CNNLAB_FAULT_WRITE")
-    if not spec:
-        return
-    name, n = spec.rsplit(":", 1)
-    if path.name == name:
-        _write_counts[name] = _write_counts.get(name, 0) + 1
-        if _write_counts[name] == int(n):
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def exclusive(directory, lock_name: str, busy: str):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import cpu_model, fastops, native, trackers, versions
+from cnnlab import cpu_model, fastops, faults, native, trackers, versions
 from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
@@ -202,35 +202,6 @@ def _restore_state(tensors, meta, model, opt, order_gen) -> None:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
-# ---------------------------------------------------------------------------- fault injection
-
-def _fault_point() -> tuple[str, int, int] | None:
-    """CNNLAB_FAULT="kill:EPOCH:STEP" or "kill-after-checkpoint:EPOCH:0" makes this process
-    SIGKILL itself there. With CNNLAB_FAULT_ONCE=PATH it fires only while PATH does not
-    exist (it creates PATH just before dying), so a retried run gets through.
-    Used only by the crash-safety tests (tests/test_reliability.py, tests/test_ray.py)."""
-    spec = os.environ.get("CNNLAB_FAULT")
-    if not spec:
-        return None
-    kind, epoch, step = spec.split(":")
-    return kind, int(epoch), int(step)
-
-
-def _maybe_die(fault, kind: str, epoch: int, step: int) -> None:
-    if fault is None or fault != (kind, epoch, step):
-        return
-    once = os.environ.get("CNNLAB_FAULT_ONCE")
-    if once:
-        try:
-            fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.close(fd)
-        except FileExistsError:
-            return
-    import signal
-
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ---------------------------------------------------------------------------- the run
 
 def format_epoch(row: dict) -> str:
@@ -300,7 +271,7 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
     model, opt, data = run.model, run.opt, run.data
     n, bs = len(data.y_train), cfg.train.batch_size
     steps = math.ceil(n / bs)
-    fault = _fault_point()
+    fault = faults.point()
     for epoch in range(run.start_epoch, cfg.train.epochs):
         te = time.time()
         if progress:
@@ -338,7 +309,7 @@ def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> 
                 step += 1
             if progress and step % PROGRESS_STEPS == 0:
                 progress(epoch, step, steps)
-            _maybe_die(fault, "kill", epoch, step - 1)
+            faults.maybe_die(fault, "kill", epoch, step - 1)
         run.end_epoch(epoch, step_loss, pred, perm, te)
         if progress:
             progress(epoch, steps, steps)
@@ -450,7 +421,7 @@ class Run:
             self.checkpoint.save(self.out / "checkpoints" / "best.safetensors",
                                  {k: v for k, v in tensors.items() if k.startswith("model.")}, meta)
         self.checkpoint.save(self.last_ckpt, tensors, meta)
-        _maybe_die(_fault_point(), "kill-after-checkpoint", epoch, 0)
+        faults.maybe_die(faults.point(), "kill-after-checkpoint", epoch, 0)
         self._write_logs()
 
     def finish(self) -> dict:

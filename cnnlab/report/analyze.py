@@ -14,7 +14,7 @@ import numpy as np
 
 from cnnlab import stats
 from cnnlab.report.collect import Run, Study, Variant, load_predictions
-from cnnlab.study import MARGIN, Comparison, decide_all
+from cnnlab.study import MARGIN, Comparison, decide_all, seeds_text
 
 GAP_WARN_PTS = 2.0  # warn when eval-mode test accuracy is this far below train-mode, on average
 MAX_MISCLASSIFIED = 25
@@ -323,3 +323,46 @@ def analyze(study: Study) -> Analysis:
         grid=grid_stats(study, vstats),
         deploy=deployment(study),
     )
+
+
+def distinct(values) -> str:
+    """The distinct values, sorted and joined: what a protocol line says of the runs."""
+    vals = {v for v in values if v is not None and v != ""}
+    try:
+        ordered = sorted(vals)
+    except TypeError:
+        ordered = sorted(vals, key=str)
+    return ", ".join(str(v) for v in ordered) or "not recorded"
+
+
+# ---------------------------------------------------------------------------- protocol
+
+def protocol(study: Study, an: Analysis) -> list[tuple[str, str]]:
+    """The facts every number and figure depends on, as (label, value) pairs."""
+    done = [r for r in study.runs if r.finished]
+    data = [r.result.get("data") if isinstance(r.result.get("data"), dict) else {} for r in done]
+    cfg = [v.config for v in study.variants.values()]
+    section = lambda c, s: c.get(s) if isinstance(c.get(s), dict) else {}  # noqa: E731
+    splits = distinct(f"{d.get('n_train')} train / {d.get('n_val')} validation / {d.get('n_test')} test"
+                       for d in data if d)
+    modes = distinct(r.result.get("eval_mode") for r in done)
+    mode_words = {"eval": "eval (model.eval(): dropout off, BatchNorm running statistics)",
+                  "train": "train (the lab's way: dropout and BatchNorm left in training mode)"}
+    return [
+        ("dataset", distinct(section(c, "data").get("name") for c in cfg)),
+        ("data source", distinct(d.get("source") for d in data)),
+        ("split", splits),
+        ("epochs", distinct(section(c, "train").get("epochs") for c in cfg)),
+        ("batch size", distinct(section(c, "train").get("batch_size") for c in cfg)),
+        ("optimizer", "Adam, lr " + distinct(section(c, "train").get("lr") for c in cfg)),
+        ("seeds", f"{seeds_text(study.seeds)} ({an.finished} of {an.planned} runs finished)"),
+        ("device", distinct(r.result.get("device") for r in done)),
+        ("kernels", distinct(r.result.get("kernels") for r in done)),  # float rounding depends on them
+        ("eval mode", mode_words.get(modes, modes)),
+    ]
+
+
+def protocol_line(study: Study, an: Analysis) -> str:
+    p = dict(protocol(study, an))
+    return (f"Protocol: {p['dataset']}; split {p['split']}; {p['epochs']} epochs; seeds {p['seeds']}; "
+            f"device {p['device']}; eval mode {distinct(r.result.get('eval_mode') for r in study.runs if r.finished)}.")

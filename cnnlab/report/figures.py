@@ -9,9 +9,8 @@ import re
 from dataclasses import dataclass, field
 
 from cnnlab.report import graph, plots
-from cnnlab.report.analyze import Analysis
+from cnnlab.report.analyze import Analysis, protocol_line
 from cnnlab.report.collect import Study, load_test_images
-from cnnlab.report.render import protocol_line
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from cnnlab import stats
-from cnnlab.report.analyze import GAP_WARN_PTS, Analysis, ComparisonStats, VariantStats
+from cnnlab.report.analyze import GAP_WARN_PTS, Analysis, ComparisonStats, VariantStats, distinct, protocol
 from cnnlab.report.collect import Study
 from cnnlab.study import format_level, seeds_text
 
@@ -104,50 +104,8 @@ def sd_text(s: stats.Summary) -> str:
     return "n/a (1 seed)" if s.n == 1 else num(s.std)
 
 
-def _distinct(values) -> str:
-    vals = {v for v in values if v is not None and v != ""}
-    try:
-        ordered = sorted(vals)
-    except TypeError:
-        ordered = sorted(vals, key=str)
-    return ", ".join(str(v) for v in ordered) or "not recorded"
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-# ---------------------------------------------------------------------------- protocol
-
-def protocol(study: Study, an: Analysis) -> list[tuple[str, str]]:
-    """The facts every number and figure depends on, as (label, value) pairs."""
-    done = [r for r in study.runs if r.finished]
-    data = [r.result.get("data") if isinstance(r.result.get("data"), dict) else {} for r in done]
-    cfg = [v.config for v in study.variants.values()]
-    section = lambda c, s: c.get(s) if isinstance(c.get(s), dict) else {}  # noqa: E731
-    splits = _distinct(f"{d.get('n_train')} train / {d.get('n_val')} validation / {d.get('n_test')} test"
-                       for d in data if d)
-    modes = _distinct(r.result.get("eval_mode") for r in done)
-    mode_words = {"eval": "eval (model.eval(): dropout off, BatchNorm running statistics)",
-                  "train": "train (the lab's way: dropout and BatchNorm left in training mode)"}
-    return [
-        ("dataset", _distinct(section(c, "data").get("name") for c in cfg)),
-        ("data source", _distinct(d.get("source") for d in data)),
-        ("split", splits),
-        ("epochs", _distinct(section(c, "train").get("epochs") for c in cfg)),
-        ("batch size", _distinct(section(c, "train").get("batch_size") for c in cfg)),
-        ("optimizer", "Adam, lr " + _distinct(section(c, "train").get("lr") for c in cfg)),
-        ("seeds", f"{seeds_text(study.seeds)} ({an.finished} of {an.planned} runs finished)"),
-        ("device", _distinct(r.result.get("device") for r in done)),
-        ("kernels", _distinct(r.result.get("kernels") for r in done)),  # float rounding depends on them
-        ("eval mode", mode_words.get(modes, modes)),
-    ]
-
-
-def protocol_line(study: Study, an: Analysis) -> str:
-    p = dict(protocol(study, an))
-    return (f"Protocol: {p['dataset']}; split {p['split']}; {p['epochs']} epochs; seeds {p['seeds']}; "
-            f"device {p['device']}; eval mode {_distinct(r.result.get('eval_mode') for r in study.runs if r.finished)}.")
 
 
 # ---------------------------------------------------------------------------- tables
@@ -287,7 +245,7 @@ def document(study: Study, an: Analysis, figs: "Figures", summaries: dict[str, s
     modes = {r.result.get("eval_mode") for r in study.runs if r.finished}
     if len(modes) > 1:
         out.append(Callout("warning", "runs use different headline eval modes "
-                           f"({_distinct(modes)}); their test accuracies are not directly comparable"))
+                           f"({distinct(modes)}); their test accuracies are not directly comparable"))
     out += _verdicts(study, an)
     out += _factorial(study, an, figs)
     out += _overview(study, an)
@@ -490,7 +448,7 @@ def _variants(study: Study, an: Analysis, figs: "Figures", summaries: dict[str, 
 
 
 def _test_accuracy(study: Study, vs: VariantStats) -> list:
-    mode = _distinct(vs.eval_modes)
+    mode = distinct(vs.eval_modes)
     out: list = [Para(f"Test accuracy ({mode} mode): {vs.summary.describe()}.")]
     rows = []
     for r in study.variants[vs.name].runs:
@@ -614,7 +572,7 @@ def _reproducibility(study: Study, an: Analysis) -> list:
                                          if isinstance(r.result.get("versions"), dict)})
     rows = []
     for k in keys:
-        runs = _distinct(str(r.result["versions"][k]) for r in done
+        runs = distinct(str(r.result["versions"][k]) for r in done
                          if isinstance(r.result.get("versions"), dict) and k in r.result["versions"])
         rows.append((k, str(study.versions.get(k, DASH)), runs if done else DASH))
     out.append(table(("package", "study.json", "runs"), rows, "lll") if rows else Para("No versions recorded."))
