@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     from cnnlab.batched import train_batched
     from cnnlab.config import config_from_dict
     from cnnlab.data import load_dataset
-    from cnnlab.train import device_name, read_metrics, resolve_device, train_run
+    from cnnlab.rundir import read_metrics
+    from cnnlab.train import device_name, resolve_device, train_run
 
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
 
     def sps(dirs):
         n = json.loads((dirs[0] / "result.json").read_text())["data"]["n_train"]
-        secs = sum(r["seconds"] for d in dirs for r in read_metrics(d))
+        secs = sum(r["seconds"] for d in dirs for r in read_metrics(d)[0])
         return n * args.epochs * len(dirs) / secs
 
     def acc(dirs):

@@ -100,13 +100,14 @@ def run_plain(ds, preset: str, seed: int, args) -> dict:
 
 
 def run_engine(ds, preset: str, seed: int, args, tmp: Path) -> dict:
-    from cnnlab.train import read_metrics, train_run
+    from cnnlab.rundir import read_metrics
+    from cnnlab.train import train_run
 
     out = tmp / f"engine-{preset}-seed{seed}-{time.time_ns()}"
     t = time.perf_counter()
     res = train_run(_config(preset, seed, args), out, dataset=ds, echo=lambda *_: None, command="bench")
     wall = time.perf_counter() - t
-    secs = sum(r["seconds"] for r in read_metrics(out))
+    secs = sum(r["seconds"] for r in read_metrics(out)[0])
     return {"wall_seconds": wall, "epoch_seconds": secs, "samples_per_s": res["data"]["n_train"] * args.epochs / secs,
             "test_accuracy": res["test_accuracy_eval"]}
 

@@ -458,16 +458,11 @@ class Run:
     @property
     def metrics(self) -> list[dict]:
         """One dict per finished epoch: epoch, train_loss, train_acc, val_loss, val_acc, seconds."""
-        from cnnlab.report.collect import read_metrics
+        from cnnlab.rundir import read_metrics
 
-        cols, why = read_metrics(self.path / "metrics.csv")
-        if cols is None:
-            if why in ("no metrics.csv", "metrics.csv has no rows"):
-                return []
+        rows, why = read_metrics(self.path)
+        if not rows and why not in ("no metrics.csv", "metrics.csv has no rows"):
             raise RunError(f"{self.path}: {why}")
-        rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
-        for r in rows:
-            r["epoch"] = int(r["epoch"])
         return rows
 
     def metrics_frame(self):
@@ -477,7 +472,7 @@ class Run:
         except ImportError as e:
             raise MissingDependency("Run.metrics_frame() needs pandas, which is not installed: pip install pandas "
                                     "(run.metrics has the same rows as a list of dicts)") from e
-        from cnnlab.train import METRIC_COLUMNS
+        from cnnlab.rundir import METRIC_COLUMNS
 
         return pd.DataFrame(self.metrics, columns=METRIC_COLUMNS)
 

@@ -18,8 +18,6 @@ Speed without changing the protocol (docs/performance.md):
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import sys
@@ -36,9 +34,9 @@ from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
 from cnnlab.model import build_model
+from cnnlab.rundir import metrics_csv
 from cnnlab.spec import layer_table
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]
 EVAL_CHUNK = 1000  # samples per forward pass in eval mode
 EXAMPLE_INDEX = 4  # the lab plots test image 4
 PROGRESS_STEPS = 20  # steps between progress reports (and the longest run of steps in one C call)
@@ -211,23 +209,6 @@ def format_epoch(row: dict) -> str:
     )
 
 
-def _metrics_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, METRIC_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in METRIC_COLUMNS})
-    return buf.getvalue()
-
-
-def read_metrics(run_dir) -> list[dict]:
-    p = Path(run_dir) / "metrics.csv"
-    if not p.exists():
-        return []
-    with open(p, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 def make_optimizer(model, cfg: RunConfig, device):
     # Fused Adam: one kernel for all parameters (same update rule, float-level differences only).
     if device.type in ("cpu", "cuda"):
@@ -389,7 +370,7 @@ class Run:
         self.trackers = trackers.Trackers(cfg, out, self.start_epoch, echo)  # [train] log (cnnlab.trackers)
 
     def _write_logs(self, tail: str = "") -> None:
-        atomic_write_text(self.out / "metrics.csv", _metrics_csv(self.rows))
+        atomic_write_text(self.out / "metrics.csv", metrics_csv(self.rows))
         atomic_write_text(self.out / "train.log", "".join(format_epoch(r) + "\n" for r in self.rows) + tail)
 
     def end_epoch(self, epoch: int, step_loss: torch.Tensor, pred: torch.Tensor, perm: torch.Tensor, te: float) -> None:

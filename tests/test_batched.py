@@ -23,7 +23,8 @@ from cnnlab.data import load_dataset
 from cnnlab.errors import ConfigError
 from cnnlab.model import build_model
 from cnnlab.spec import PRESETS
-from cnnlab.train import read_metrics, train_run
+from cnnlab.rundir import read_metrics
+from cnnlab.train import train_run
 
 from conftest import make_idx_dir
 
@@ -61,7 +62,7 @@ def test_each_batched_run_follows_its_separate_run(tmp_path, mnist_like, monkeyp
         assert "3 seeds batched" in res["kernels"]
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
         assert (a / "split.npz").read_bytes() == (b / "split.npz").read_bytes()
-        ma, mb = read_metrics(a), read_metrics(b)
+        (ma, _), (mb, _) = read_metrics(a), read_metrics(b)
         assert len(ma) == len(mb) == 2
         for ra, rb in zip(ma, mb):  # float rounding grows along a trajectory: bounds, not equality
             assert _close(ra["train_loss"], rb["train_loss"], 1e-3), (ra, rb)
@@ -124,7 +125,7 @@ def test_a_run_whose_loss_becomes_nan_fails_alone(tmp_path, mnist_like, monkeypa
     assert failed["status"] == "failed" and failed["error"]["epoch"] == 1
     for k in (0, 2):
         assert results[k]["status"] == "done"
-        assert [r["epoch"] for r in read_metrics(tmp_path / f"s{k}")] == [0, 1]
+        assert [r["epoch"] for r in read_metrics(tmp_path / f"s{k}")[0]] == [0, 1]
         assert all(torch.isfinite(v).all() for v in load(tmp_path / f"s{k}/checkpoints/last.safetensors")[0].values()
                    if v.is_floating_point())
 

@@ -10,8 +10,6 @@ can show it; only runs with status "done" feed the statistics.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab.rundir import read_metrics
 from cnnlab.study import Comparison, Stopping, comparison_from, stopping_from
 
 STATUSES = ("done", "failed", "missing", "invalid")
-METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
 
 class StudyError(CnnlabError):
@@ -185,7 +183,7 @@ def load_run(path: Path, variant: str, seed: int) -> Run:
         return run
     run.config_toml = _read_text(path / "config.toml")
     run.log = _read_text(path / "train.log")
-    run.metrics, run.metrics_note = read_metrics(path / "metrics.csv")
+    run.metrics, run.metrics_note = metric_columns(path)
     rj = path / "result.json"
     if not rj.is_file():
         run.reason = "no result.json: still running, or stopped before it finished"
@@ -232,22 +230,12 @@ def read_export(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
     return (data, "") if isinstance(data, dict) else (None, "export.json is not a JSON object")
 
 
-def read_metrics(p: Path) -> tuple[dict[str, list[float]] | None, str]:
-    """metrics.csv -> {column: [floats]} (rows sorted by epoch), or (None, why)."""
-    text = _read_text(p)
-    if text is None:
-        return None, "no metrics.csv"
-    try:
-        rows = list(csv.DictReader(io.StringIO(text)))
-        cols = {c: [float(r[c]) for r in rows] for c in METRIC_COLUMNS if rows and c in rows[0]}
-    except (ValueError, TypeError, csv.Error) as e:
-        return None, f"metrics.csv cannot be parsed: {e}"
+def metric_columns(run_dir: Path) -> tuple[dict[str, list[float]] | None, str]:
+    """metrics.csv as {column: [floats]} (rows sorted by epoch), or (None, why)."""
+    rows, why = read_metrics(run_dir)
     if not rows:
-        return None, "metrics.csv has no rows"
-    if "epoch" not in cols:
-        return None, "metrics.csv has no epoch column"
-    order = sorted(range(len(rows)), key=lambda i: cols["epoch"][i])
-    return {c: [vals[i] for i in order] for c, vals in cols.items()}, ""
+        return None, why
+    return {c: [float(r[c]) for r in rows] for c in rows[0]}, ""
 
 
 def load_predictions(run: Run) -> tuple[dict[str, np.ndarray] | None, str]:
