@@ -28,7 +28,7 @@ def batches(n: int = 5000):
         from cnnlab.data import load_dataset
 
         ds = load_dataset("mnist")
-        x = torch.from_numpy(ds.train_images[:n]).unsqueeze(1).float().div_(255.0)
+        x = torch.from_numpy(ds.train_images[:n]).float().div_(255.0)
         y = torch.from_numpy(ds.train_labels[:n].astype("int64"))
     except Exception:  # no cached MNIST: random images give the same op costs
         torch.manual_seed(0)

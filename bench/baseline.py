@@ -4,7 +4,7 @@ Kept deliberately plain (do not optimise it): a DataLoader over a TensorDataset 
 shuffle, batch 50, Adam (torch's default implementation), nn.Dropout, model.train() /
 model.eval() as usual, a validation pass after every epoch, a test pass at the end.
 
-The protocol is cnnlab's (bench/README.md): the same dataset, split (cnnlab.train.make_split),
+The protocol is cnnlab's (bench/README.md): the same dataset, split (cnnlab.engine.run.make_split),
 network (built from the same ModelSpec with plain nn modules, in the same order, so the
 same seed gives the same initial weights), batch size, epochs, optimizer and lr.
 """
@@ -69,7 +69,7 @@ def accuracy(model, x, y, batch_size: int = 50) -> float:
 
 def train_plain(spec: ModelSpec, data, *, epochs: int = 10, batch_size: int = 50, lr: float = 1e-3,
                 seed: int = 0, order=None, model: nn.Module | None = None) -> PlainResult:
-    """Train the plain way on `data` (cnnlab.train.Tensors). `order(epoch)` -> a permutation of
+    """Train the plain way on `data` (cnnlab.engine.run.Tensors). `order(epoch)` -> a permutation of
     the training indices replaces the DataLoader's shuffle (tests feed it the engine's order);
     `model` replaces the freshly seeded plain network."""
     t0 = time.perf_counter()

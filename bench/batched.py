@@ -1,5 +1,5 @@
 """Batched seeds against separate runs: K seeds of one variant trained as one network
-(cnnlab.batched, `cnnlab study --batch-seeds K`) against the same K runs one after another,
+(cnnlab.engine.batched, `cnnlab study --batch-seeds K`) against the same K runs one after another,
 on the engine's default kernels and on torch's (the kernels the batched network uses).
 
     .venv/bin/python bench/batched.py                         # CPU, lab2-3c3f-bn, 3 seeds, 1 epoch on 10,000 images
@@ -39,11 +39,12 @@ def main(argv=None) -> int:
     import torch
 
     from cnnlab import model, versions
-    from cnnlab.batched import train_batched
+    from cnnlab.engine.batched import train_batched
     from cnnlab.config import config_from_dict
     from cnnlab.data import load_dataset
     from cnnlab.rundir import read_metrics
-    from cnnlab.train import device_name, resolve_device, train_run
+    from cnnlab.engine.loop import train_run
+    from cnnlab.engine.run import device_name, resolve_device
 
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)

@@ -16,10 +16,11 @@ import types as _types
 __version__ = "0.1.0"
 
 # cnnlab.api's names, imported on first use (module-level __getattr__, PEP 562).
-_LAZY = ("load_run", "resume", "load_study", "Run", "Study", "Prediction", "ModelSummary", "MissingDependency")
-# These three API functions share their names with submodules (cnnlab/train.py, study.py,
-# summary.py); see _Package below.
-_CALLABLE_SUBMODULES = ("train", "study", "summary")
+_LAZY = ("train", "load_run", "resume", "load_study", "Run", "Study", "Prediction", "ModelSummary",
+         "MissingDependency")
+# These two API functions share their names with a subpackage and a submodule (cnnlab/study/,
+# cnnlab/summary.py); see _Package below.
+_CALLABLE_SUBMODULES = ("study", "summary")
 
 
 def __getattr__(name: str):
@@ -35,9 +36,9 @@ def __dir__() -> list:
 
 
 class _CallableModule(_types.ModuleType):
-    """A submodule that is also an API function: cnnlab.train is still the module
-    cnnlab/train.py (cnnlab.train.train_run, monkeypatching, pickling by reference all
-    work), and calling it calls cnnlab.api.train."""
+    """A submodule that is also an API function: cnnlab.study is still the package
+    cnnlab/study/ (cnnlab.study.load_study, monkeypatching, pickling by reference all
+    work), and calling it calls cnnlab.api.study."""
 
     def __call__(self, *args, **kwargs):
         from cnnlab import api
@@ -74,7 +75,6 @@ def _api_entry(name: str) -> property:
 
 
 class _Package(_types.ModuleType):
-    train = _api_entry("train")
     study = _api_entry("study")
     summary = _api_entry("summary")
 

@@ -209,14 +209,14 @@ def train(preset: str | None = None, *, config=None, data: str | None = None, ep
 
 def _train(cfg, out: Path, resume: bool, progress: bool | None, command: str) -> "Run":
     from cnnlab.data import load_dataset
-    from cnnlab.spec import layer_table
+    from cnnlab.factory import check_model
     from cnnlab.trackers import require
 
     ds = load_dataset(cfg.data.name)
-    layer_table(cfg.model, ds.input_shape, ds.num_classes)  # shape errors before anything is written
+    check_model(cfg.model, ds.input_shape, ds.num_classes)  # shape errors before anything is written
     require(cfg.train.log)  # and a missing tracker package
     echo, bar, close = _console(cfg.train.epochs, progress)
-    from cnnlab.train import train_run
+    from cnnlab.engine.loop import train_run
 
     try:
         train_run(cfg, out, dataset=ds, resume=resume, echo=echo, progress=bar, command=command)
@@ -233,14 +233,18 @@ def check_resumable(run_dir) -> Path:
     return out
 
 
-def resume(run, *, progress: bool | None = None, command: str | None = None) -> "Run":
+def resume(run, *, progress: bool | None = None, command: str | None = None, trust_code: bool = False) -> "Run":
     """Continue an interrupted run from its last checkpoint, with its own config.toml
     (`cnnlab train --resume RUN_DIR`); the result is bit-identical to an uninterrupted run.
-    `run`: a run directory or a Run. A finished run is evaluated again and left as it was."""
+    `run`: a run directory or a Run. A finished run is evaluated again and left as it was.
+    A run whose model comes from a factory (cnnlab.factory) needs trust_code=True: resuming
+    imports the code its config.toml names, and refuses when that code changed since."""
     out = check_resumable(run.path if isinstance(run, Run) else run)
     from cnnlab.config import load_config
+    from cnnlab.factory import require_trust
 
     cfg = load_config(out / "config.toml")
+    require_trust(cfg.model, trust_code, out / "config.toml", "resuming")
     return _train(cfg, out, resume=True, progress=progress, command=command or _call_text("resume", out))
 
 
@@ -266,7 +270,7 @@ class Prediction:
     top_k: tuple[tuple[int, float], ...]
     source: str = ""  # "test[4] (label 4)" or the image file as given
     notes: tuple[str, ...] = ()  # conversions applied to an image file (grayscale, inverted, ...)
-    image: Any = dataclasses.field(default=None, repr=False, compare=False)  # (H, W) float32 in [0, 1]
+    image: Any = dataclasses.field(default=None, repr=False, compare=False)  # (H, W) or (H, W, 3) float32 in [0, 1]
 
     def _repr_html_(self) -> str:
         e = html.escape
@@ -290,7 +294,8 @@ def _data_uri(png: bytes) -> str:
 
 
 def predict_run(run_dir, index: int | None = None, images=None, *, top_k: int = 3, invert: str = "auto",
-                checkpoint: str = "last", note: Callable[[str, str], None] | None = None) -> list[Prediction]:
+                checkpoint: str = "last", note: Callable[[str, str], None] | None = None,
+                trust_code: bool = False) -> list[Prediction]:
     """Predictions of a run's model (`cnnlab predict`): test image `index` of the run's own
     dataset, or image `images` (files Pillow reads; converted as README "Predicting image
     files" says). note(file, text) hears each conversion as the file is read."""
@@ -304,8 +309,9 @@ def predict_run(run_dir, index: int | None = None, images=None, *, top_k: int = 
     _check_types("predict", {"index": index, "top_k": top_k}, {"index": int, "top_k": int})
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    model, cfg, meta = load_run_model(run_dir, checkpoint)
-    h, w = meta["in_shape"][1:]
+    model, cfg, meta = load_run_model(run_dir, checkpoint, trust_code=trust_code,
+                                      note=None if note is None else lambda text: note(str(run_dir), text))
+    channels, h, w = meta["in_shape"]
     names, labels, arrays, notes = [], [], [], []
     if index is not None:
         from cnnlab.data import load_dataset
@@ -314,15 +320,18 @@ def predict_run(run_dir, index: int | None = None, images=None, *, top_k: int = 
         n = len(ds.test_labels)
         if not 0 <= index < n:
             raise ConfigError(f"--index {index}: the test set has images 0..{n - 1}")
-        arrays.append(ds.test_images[index].astype("float32") / 255.0)
+        from cnnlab.data import image_float
+
+        image = image_float(ds.test_images[index])  # (C, H, W) in the trainer's scale
+        arrays.append(image[0] if image.shape[0] == 1 else image)  # gray as (H, W), like load_image's
         labels.append(int(ds.test_labels[index]))
         names.append(f"test[{index}] (label {labels[-1]})")
         notes.append(())
     else:
-        from cnnlab.images import load_image
+        from cnnlab.images import load_image, load_rgb_image
 
-        for path in images:
-            arr, found = load_image(path, (h, w), invert)
+        for path in images:  # gray (H, W) for a one-channel model (colour becomes gray), RGB (3, H, W) otherwise
+            arr, found = load_image(path, (h, w), invert) if channels == 1 else load_rgb_image(path, (h, w))
             arrays.append(arr)
             labels.append(None)
             names.append(str(path))
@@ -333,13 +342,14 @@ def predict_run(run_dir, index: int | None = None, images=None, *, top_k: int = 
     import numpy as np
 
     batch = np.stack(arrays)
-    results = predict_arrays(model, batch, top_k)
-    everything = predict_arrays(model, batch, meta["num_classes"])  # every class, for `probabilities`
+    results = predict_arrays(model, batch, meta["in_shape"], top_k)
+    everything = predict_arrays(model, batch, meta["in_shape"], meta["num_classes"])  # every class, for `probabilities`
     out = []
     for i, ((pred, top), (_, full)) in enumerate(zip(results, everything)):
         probs = dict(full)
         out.append(Prediction(labels[i], pred, tuple(probs[c] for c in range(len(probs))),
-                              tuple((c, p) for c, p in top), names[i], notes[i], arrays[i]))
+                              tuple((c, p) for c, p in top), names[i], notes[i],
+                              arrays[i] if arrays[i].ndim == 2 else arrays[i].transpose(1, 2, 0)))
     return out
 
 
@@ -362,7 +372,8 @@ def save_predictions(predictions: Sequence[Prediction], target, saved: Callable[
     return paths
 
 
-def evaluate_run(run_dir, checkpoint: str = "last", device: str = "cpu") -> dict[str, dict[str, float]]:
+def evaluate_run(run_dir, checkpoint: str = "last", device: str = "cpu", trust_code: bool = False,
+                 note: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
     """Re-evaluate a run's checkpoint on its test set in both eval modes (`cnnlab eval`):
     {"eval": {"test_loss", "test_accuracy"}, "train": {...}} (loss: the lab's sum of
     per-batch mean losses; accuracy in %)."""
@@ -370,10 +381,10 @@ def evaluate_run(run_dir, checkpoint: str = "last", device: str = "cpu") -> dict
 
     from cnnlab.data import load_dataset
     from cnnlab.inference import load_run_model
-    from cnnlab.train import evaluate, resolve_device, to_tensors
+    from cnnlab.engine.run import evaluate, resolve_device, to_tensors
 
     dev = resolve_device(device)
-    model, cfg, meta = load_run_model(run_dir, checkpoint, dev)
+    model, cfg, meta = load_run_model(run_dir, checkpoint, dev, trust_code, note)
     ds = load_dataset(cfg.data.name)
     if list(ds.input_shape) != list(meta["in_shape"]) or ds.num_classes != meta["num_classes"]:
         from cnnlab.errors import CheckpointError
@@ -485,32 +496,35 @@ class Run:
             return ""
 
     # -- the model
-    def model(self, checkpoint: str = "last"):
-        """The trained network (cnnlab.model.Net, a torch nn.Module) in eval mode on the CPU,
-        from checkpoints/<checkpoint>.safetensors ("last" or "best")."""
+    def model(self, checkpoint: str = "last", *, trust_code: bool = False):
+        """The trained network (cnnlab.model.Net, or a factory's nn.Module) in eval mode on the
+        CPU, from checkpoints/<checkpoint>.safetensors ("last" or "best"). A factory's module
+        is built only with trust_code=True: that imports the code config.toml names."""
         from cnnlab.inference import load_run_model
 
-        return load_run_model(self.path, checkpoint, "cpu")[0]
+        return load_run_model(self.path, checkpoint, "cpu", trust_code)[0]
 
     def predict(self, index: int | None = None, images=None, *, top_k: int = 3, invert: str = "auto",
-                checkpoint: str = "last", save_image=None):
+                checkpoint: str = "last", save_image=None, trust_code: bool = False):
         """`cnnlab predict`: predict(index=4) -> Prediction for test image 4 of the run's own
         dataset; predict(images=[files]) -> a list of Predictions. invert: "auto" | "yes" |
         "no" for image files; save_image: write the input with its label as PNG (a folder for
         several images)."""
         many = images is not None
-        preds = predict_run(self.path, index, images, top_k=top_k, invert=invert, checkpoint=checkpoint)
+        preds = predict_run(self.path, index, images, top_k=top_k, invert=invert, checkpoint=checkpoint,
+                            trust_code=trust_code)
         if save_image is not None:
             save_predictions(preds, save_image)
         return preds if many else preds[0]
 
-    def evaluate(self, checkpoint: str = "last", device: str = "cpu") -> dict[str, dict[str, float]]:
+    def evaluate(self, checkpoint: str = "last", device: str = "cpu", *,
+                 trust_code: bool = False) -> dict[str, dict[str, float]]:
         """`cnnlab eval`: {"eval": {"test_loss", "test_accuracy"}, "train": {...}}."""
-        return evaluate_run(self.path, checkpoint, device)
+        return evaluate_run(self.path, checkpoint, device, trust_code)
 
-    def resume(self, *, progress: bool | None = None) -> "Run":
+    def resume(self, *, progress: bool | None = None, trust_code: bool = False) -> "Run":
         """Continue this run after an interruption (cnnlab.resume)."""
-        resume(self.path, progress=progress)
+        resume(self.path, progress=progress, trust_code=trust_code)
         return self
 
     # -- display
@@ -656,13 +670,13 @@ def study(file, *, out=None, seeds: int | None = None, epochs: int | None = None
     workers (default: one per core), threads per worker; executor "local" or "ray" (with
     address, gpus_per_run); batch_seeds; retries; export=True exports every finished run
     (as [export] in the file; cnnlab.deploy); report=False skips the report.
-    Runs execute in spawned worker processes running cnnlab.study.execute_tasks, so this
+    Runs execute in spawned worker processes running cnnlab.study.worker.execute_tasks, so this
     works from a notebook. progress=False prints nothing; otherwise the CLI's lines.
     """
     import contextlib
     import io
 
-    from cnnlab.runner import run_study
+    from cnnlab.study.runner import run_study
     from cnnlab.study import load_study as load_study_file
     from cnnlab.study import override, study_from_dict
 
@@ -688,14 +702,14 @@ def study(file, *, out=None, seeds: int | None = None, epochs: int | None = None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = workers or max(1, cores // max(1, threads))
     if executor == "ray":
-        from cnnlab.ray_executor import RayExecutor
+        from cnnlab.study.ray import RayExecutor
 
         ex = RayExecutor(address=address, threads=threads, retries=retries, study_dir=out,
                          gpus_per_run=gpus_per_run, batch_seeds=batch_seeds)
     elif executor == "local":
         if address:
             raise ConfigError("--address is for --executor ray")
-        from cnnlab.executors import LocalExecutor
+        from cnnlab.study.executors import LocalExecutor
 
         ex = LocalExecutor(workers, threads, retries, batch_seeds=batch_seeds)
     else:
@@ -715,7 +729,7 @@ def study(file, *, out=None, seeds: int | None = None, epochs: int | None = None
                              **{k: v for k, v in given.items() if k in ("seeds", "epochs", "limit", "data", "device",
                                                                          "until_resolved", "max_seeds", "export")})
     with contextlib.ExitStack() as quiet:
-        if progress is False:  # run_study's own lines and bar (cnnlab.runner.Display)
+        if progress is False:  # run_study's own lines and bar (cnnlab.study.runner.Display)
             quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
             quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
         counts = run_study(s, out, ex, study_file, command=command, report=report)
@@ -884,6 +898,9 @@ class ModelSummary:
     input_shape: tuple[int, int, int]
     num_classes: int | None
     total_params: int
+    trainable_params: int = 0  # requires_grad; total_params - trainable_params are frozen
+    non_trainable_params: int = 0
+    mult_adds: int = 0  # for one sample, as torchinfo's "Total mult-adds" (cnnlab.summary.layer_mult_adds)
 
     def __str__(self) -> str:
         return self.text
@@ -916,10 +933,11 @@ def summary(model=None, *, config=None, input_shape=None, num_classes: int | Non
 
     model: a preset name, a cnnlab.spec.ModelSpec, or a torch nn.Module (a cnnlab network such
     as run.model() uses its own spec and input; any other module is run once on zeros with
-    hooks on its layers); or config=: a run configuration or spec file, or a dict of tables.
-    input_shape (C, H, W): default (1, 28, 28), or the network's own; num_classes: default 10.
+    hooks on its layers, cnnlab.summary.module_layers); or config=: a run configuration or spec
+    file, or a dict of tables. input_shape (C, H, W): default (1, 28, 28), or the network's own;
+    num_classes: default 10. The text ends its counts with "Total mult-adds" (one sample).
     """
-    from cnnlab.summary import format_layers, summary_stats
+    from cnnlab.summary import summarize
 
     if (model is None) == (config is None):
         raise ConfigError("give a model: a preset name, a ModelSpec or an nn.Module, or config=FILE")
@@ -932,7 +950,15 @@ def summary(model=None, *, config=None, input_shape=None, num_classes: int | Non
         cfg = (config if isinstance(config, RunConfig) else config_from_dict(config, "config")
                if isinstance(config, dict) else load_config_file(config))
         spec = cfg.model
-    else:
+        from cnnlab.factory import FactorySpec
+
+        if isinstance(spec, FactorySpec):  # the config the user passed names it: build it (imports its code)
+            from cnnlab.model import build_model
+
+            classes = 10 if num_classes is None else num_classes
+            model = build_model(spec, _shape(input_shape, (1, 28, 28)), classes)
+            return summary(model, input_shape=_shape(input_shape, (1, 28, 28)), num_classes=classes)
+    if model is not None:
         from cnnlab.spec import ModelSpec, preset
 
         if isinstance(model, str):
@@ -947,54 +973,14 @@ def summary(model=None, *, config=None, input_shape=None, num_classes: int | Non
             num_classes = model.num_classes if num_classes is None else num_classes
         elif callable(getattr(model, "named_modules", None)) and callable(getattr(model, "forward", None)):
             shape = _shape(input_shape, (1, 28, 28))
-            rows = _module_layers(model, shape)
-            return ModelSummary(format_layers(rows, shape), tuple(rows), shape, num_classes,
-                                summary_stats(rows, shape)["total_params"])
+            text, rows, stats = summarize(model, shape)
+            return ModelSummary(text, tuple(rows), shape, num_classes, stats["total_params"],
+                                stats["trainable_params"], stats["non_trainable_params"], stats["total_mult_adds"])
         else:
             raise SpecError(f"summary: expected a preset name, a ModelSpec or a torch nn.Module, "
                             f"got {type(model).__name__}")
-    from cnnlab.spec import layer_table
-
     shape = _shape(input_shape, (1, 28, 28))
     classes = 10 if num_classes is None else num_classes
-    rows = layer_table(spec, shape, classes)
-    return ModelSummary(format_layers(rows, shape), tuple(rows), shape, classes,
-                        summary_stats(rows, shape)["total_params"])
-
-
-def _module_layers(module, in_shape) -> list:
-    """Layer rows of any nn.Module: one per leaf module (and per module holding parameters of
-    its own) in the order they run on one zero input, as torchsummary does."""
-    import functools
-
-    import torch
-
-    from cnnlab.spec import Layer
-
-    rows: list = []
-
-    def hook(mod, inputs, output, name):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()
-        rows.append(Layer(len(rows) + 1, type(mod).__name__, name, shape,
-                          sum(p.numel() for p in mod.parameters(recurse=False))))
-
-    hooks = [mod.register_forward_hook(functools.partial(hook, name=name or "model"))
-             for name, mod in module.named_modules()
-             if not list(mod.children()) or list(mod.parameters(recurse=False))]
-    was_training = module.training
-    first = next(module.parameters(), None)
-    try:
-        module.eval()
-        with torch.no_grad():
-            x = torch.zeros((1, *in_shape), dtype=first.dtype if first is not None else torch.float32,
-                            device=first.device if first is not None else "cpu")
-            module(x)
-    except Exception as e:  # noqa: BLE001 - any failure of the user's module is a shape or spec problem
-        raise SpecError(f"summary: the module does not run on an input of shape (1, {', '.join(map(str, in_shape))}): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    finally:
-        for h in hooks:
-            h.remove()
-        module.train(was_training)
-    return rows
+    text, rows, stats = summarize(spec, shape, classes)
+    return ModelSummary(text, tuple(rows), shape, classes, stats["total_params"], stats["trainable_params"],
+                        stats["non_trainable_params"], stats["total_mult_adds"])

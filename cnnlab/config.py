@@ -3,11 +3,13 @@
 A config file (TOML) looks like
 
     [data]
-    name = "mnist"            # mnist | fashion-mnist | idx:DIR
+    name = "mnist"            # mnist | fashion-mnist | cifar10 | idx:DIR | npz:FILE | folder:DIR
+    normalize = false         # per-channel mean/std of the training split (optional)
     [model]
     preset = "lab2-3c3f-bn"   # start from a preset...
     conv_dropout = 0.25       # ...and override (optional): bn, conv_dropout, fc_dropout
     # or give the blocks:  [[model.conv]] out_channels = 6 ...   [[model.fc]] width = 128
+    # or any nn.Module:    factory = "examples/tiny_resnet.py:tiny_resnet"  + [model.args]
     [train]
     epochs = 10
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnlab.errors import ConfigError, SpecError
+from cnnlab.factory import FactorySpec, factory_from_dict
 from cnnlab.spec import PRESETS, ModelSpec, dataclass_from_table, spec_from_dict
 from cnnlab.trackers import TRACKERS  # the names only: no tracker package is imported
 
@@ -34,6 +37,9 @@ class DataConfig:
     name: str = "mnist"
     val_size: int = 5000  # held out from the training file, as the lab's 55k/5k split
     limit: int = 0  # train on the first N images of the (shuffled) training split; 0 = all
+    # per-channel (x - mean) / std, with mean and std of the training split only; stored in the
+    # run and applied again at eval, predict and export. Left out of config.toml when false.
+    normalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = DataConfig()
-    model: ModelSpec = PRESETS["lab2-3c3f-bn"]
+    model: ModelSpec | FactorySpec = PRESETS["lab2-3c3f-bn"]  # FactorySpec: any nn.Module (cnnlab.factory)
     train: TrainConfig = TrainConfig()
     preset: str | None = "lab2-3c3f-bn"  # the preset the model started from, for labels only
 
@@ -63,21 +69,29 @@ class RunConfig:
         model = self.model.to_dict()
         if self.preset:
             model = {"preset": self.preset, **model}
+        data = dataclasses.asdict(self.data)
+        if not data["normalize"]:
+            del data["normalize"]
         train = dataclasses.asdict(self.train)
         if train["log"]:
             train["log"] = list(train["log"])
         else:
             del train["log"]
-        return {"data": dataclasses.asdict(self.data), "model": model, "train": train}
+        return {"data": data, "model": model, "train": train}
 
 
-MODEL_KEYS = ("preset", "conv", "fc", "bn", "conv_dropout", "fc_dropout")
+MODEL_KEYS = ("preset", "conv", "fc", "bn", "conv_dropout", "fc_dropout", "factory", "args")
 
 
-def resolve_model(data: Any, where: str = "model") -> tuple[ModelSpec, str | None]:
-    """[model] table -> (spec, preset name). Blocks given explicitly replace the preset's."""
+def resolve_model(data: Any, where: str = "model") -> tuple[ModelSpec | FactorySpec, str | None]:
+    """[model] table -> (spec, preset name). Blocks given explicitly replace the preset's;
+    `factory` (and `args`) name any nn.Module instead (cnnlab.factory; nothing is imported here)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table")
+    if "factory" in data:
+        return factory_from_dict(data, where), None
+    if "args" in data:
+        raise ConfigError(f"{where}.args: args are a factory's keyword arguments; give `factory` too")
     unknown = sorted(set(data) - set(MODEL_KEYS))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(MODEL_KEYS)}")

@@ -92,13 +92,16 @@ def _versions() -> dict:
 
 # ---------------------------------------------------------------------------- the model
 
-def plain_model(run_dir, which: str = "last"):
+def plain_model(run_dir, which: str = "last", trust_code: bool = False):
     """(model, cfg, meta): the run's checkpoint, loaded and checked as `cnnlab eval` does,
-    in the plain torch module (fast=False, nn.Dropout), in eval mode: what gets exported."""
+    in the plain torch module (fast=False, nn.Dropout), in eval mode: what gets exported.
+    A factory's module is already plain torch (and is built only with trust_code)."""
     from cnnlab import model as model_module
     from cnnlab.inference import load_run_model
 
-    loaded, cfg, meta = load_run_model(run_dir, which)
+    loaded, cfg, meta = load_run_model(run_dir, which, trust_code=trust_code)
+    if not isinstance(loaded, model_module.Net):
+        return loaded, cfg, meta
     plain = model_module.build_model(loaded.spec, loaded.in_shape, loaded.num_classes,
                                      fast_dropout=False, fast=False)
     plain.load_state_dict(loaded.state_dict())
@@ -196,7 +199,7 @@ def _torch_logits(model, x):
     import numpy as np
     import torch
 
-    from cnnlab.train import EVAL_CHUNK
+    from cnnlab.engine.run import EVAL_CHUNK
 
     with torch.inference_mode():
         return np.concatenate([model(torch.from_numpy(x[s : s + EVAL_CHUNK])).numpy()
@@ -559,14 +562,14 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def export_run(run_dir, out=None, int8: bool = False, calibration: int = CALIBRATION,
-               c_header: bool = False) -> dict:
+               c_header: bool = False, trust_code: bool = False) -> dict:
     """Export RUN_DIR (see the module docstring); returns export.json's content.
     c_header implies int8. Raises ConfigError / RunError / CheckpointError with one line."""
     onnx, onnxruntime = require_extra()
     import numpy as np
 
     from cnnlab.data import load_dataset
-    from cnnlab.train import to_tensors
+    from cnnlab.engine.run import to_tensors
 
     run = Path(run_dir)
     out = Path(out) if out is not None else run / "export"
@@ -574,7 +577,7 @@ def export_run(run_dir, out=None, int8: bool = False, calibration: int = CALIBRA
     if int8 and (isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1):
         raise ConfigError(f"--calibration must be a whole number >= 1, got {calibration!r}")
     _check_target(out)
-    model, cfg, meta = plain_model(run)
+    model, cfg, meta = plain_model(run, trust_code=trust_code)
     in_shape, num_classes = tuple(meta["in_shape"]), meta["num_classes"]
     ds = load_dataset(cfg.data.name)
     if tuple(ds.input_shape) != in_shape or ds.num_classes != num_classes:

@@ -2,7 +2,7 @@
 all in one place. Each hook does nothing unless its environment variable is set:
 
 - CNNLAB_FAULT="kill:EPOCH:STEP" or "kill-after-checkpoint:EPOCH:0": the training loop
-  SIGKILLs its own process there (train.py, batched.py). With CNNLAB_FAULT_ONCE=PATH it fires
+  SIGKILLs its own process there (cnnlab.engine.loop.fit). With CNNLAB_FAULT_ONCE=PATH it fires
   only while PATH does not exist (it creates PATH just before dying), so a retried run gets
   through.
 - CNNLAB_FAULT_WRITE="NAME:N": SIGKILL on the N-th atomic write of a file named NAME, after its

@@ -133,16 +133,70 @@ def load_image(path, size: tuple[int, int], invert: str = "auto", *, fit: str = 
     return np.ascontiguousarray(out), notes
 
 
+def decode_pixels(path) -> np.ndarray:
+    """The pixels of one still image file as stored, for datasets (`folder:DIR`): uint8
+    (H, W) for a grayscale image, (H, W, 3) for any other. The same guards as `load_image`
+    (rules 1 and 2: missing, empty, not an image, truncated or corrupt, animated, decompression
+    bomb -> ImageError naming the file) and its EXIF orientation (rule 3); transparency is
+    composited over white; 16-bit, 32-bit and floating-point grayscale is scaled to [0, 1] as
+    rule 4 says, then to 8 bits. No resizing and no inversion. A colour image whose channels
+    are all equal is still returned as (H, W, 3): the caller decides what counts as colour."""
+    notes: list[str] = []
+    im = _open_verified(path, notes)
+    try:
+        im = _apply_orientation(im, path, notes)
+        mode = im.mode
+        if mode.startswith("I") or mode == "F":
+            gray = _to_gray(im, path, notes)
+            return np.rint(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)
+        if mode in _ALPHA_MODES or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            flat = Image.alpha_composite(white, rgba)
+            return np.asarray(flat.convert("L" if mode in ("LA", "La") else "RGB"), dtype=np.uint8)
+        if mode == "L":
+            return np.asarray(im, dtype=np.uint8)
+        if mode == "1":
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+        try:
+            return np.asarray(im if mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"image {path} has pixel mode {mode}, which cannot be made RGB; re-export it as PNG") from exc
+    finally:
+        im.close()
+
+
+def load_rgb_image(path, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """(float32 (3, H, W) in [0, 1], notes) for a model trained on RGB images: the file decoded
+    as decode_pixels does (same guards, orientation, transparency over white), a grayscale
+    image repeated into three equal channels, resized (bilinear) to size when it differs. No
+    inversion: photos are not MNIST digits."""
+    height, width = _check_size(size)
+    pixels = decode_pixels(path)
+    notes: list[str] = []
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        notes.append("repeated the grayscale image into three equal channels (the model takes RGB)")
+    h, w = pixels.shape[:2]
+    if (h, w) != (height, width):
+        pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR))
+        notes.append(f"resized {w}x{h} to {width}x{height} (bilinear; aspect ratio "
+                     f"{'kept' if abs(w / h - width / height) < 1e-6 else 'not kept'})")
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / 255.0, notes
+
+
 def save_labeled_image(array_hw: np.ndarray, label_text: str, path) -> None:
-    """Write a PNG of the (H, W) [0, 1] image, upscaled (nearest) so it is readable, with the
-    label drawn beneath it on a white band. Written atomically (temp file + fsync + os.replace).
-    Raises ImageError when the file cannot be written."""
+    """Write a PNG of the (H, W) or (H, W, 3) [0, 1] image, upscaled (nearest) so it is readable,
+    with the label drawn beneath it on a white band. Written atomically (temp file + fsync +
+    os.replace). Raises ImageError when the file cannot be written."""
     arr = np.asarray(array_hw, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"save_labeled_image needs a non-empty (H, W) array, got shape {arr.shape}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"save_labeled_image needs a non-empty (H, W) or (H, W, 3) array, got shape {arr.shape}")
     arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
     pixels = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    h, w = pixels.shape
+    h, w = pixels.shape[:2]
     scale = max(1, math.ceil(224 / max(h, w)))
     picture = Image.fromarray(pixels).resize((w * scale, h * scale), Image.Resampling.NEAREST)
 
@@ -157,10 +211,11 @@ def save_labeled_image(array_hw: np.ndarray, label_text: str, path) -> None:
     pad = 8
     text_w, text_h = box[2] - box[0], box[3] - box[1]
     canvas_w = max(picture.width, text_w + 2 * pad)
-    canvas = Image.new("L", (canvas_w, picture.height + text_h + 2 * pad), 255)
+    canvas = Image.new(picture.mode, (canvas_w, picture.height + text_h + 2 * pad), "white")
     canvas.paste(picture, ((canvas_w - picture.width) // 2, 0))
     draw = ImageDraw.Draw(canvas)
-    draw.multiline_text(((canvas_w - text_w) // 2 - box[0], picture.height + pad - box[1]), text, fill=0, font=font)
+    draw.multiline_text(((canvas_w - text_w) // 2 - box[0], picture.height + pad - box[1]), text, fill="black",
+                        font=font)
 
     target = Path(path)
     fd, tmp = None, None

@@ -9,21 +9,24 @@ import torch
 from cnnlab.errors import CheckpointError, RunError
 
 
-def load_run_model(run_dir, which: str = "last", device: str = "cpu"):
+def load_run_model(run_dir, which: str = "last", device: str = "cpu", trust_code: bool = False, note=None):
     """(model in eval mode, RunConfig, checkpoint meta) from RUN_DIR/checkpoints/{which}.safetensors.
 
     The checkpoint must match the architecture in RUN_DIR/config.toml; a mismatch is refused
-    with a message naming the difference.
+    with a message naming the difference. A model built by a factory (cnnlab.factory) is
+    built only with trust_code=True, since that imports the code config.toml names; when
+    that code changed since training, note(text) hears it.
     """
-    from cnnlab import checkpoint
+    from cnnlab import checkpoint, factory
     from cnnlab.config import load_config
     from cnnlab.model import build_model
-    from cnnlab.spec import spec_from_dict
+    from cnnlab.spec import ModelSpec
 
     run = Path(run_dir)
     if not (run / "config.toml").is_file():
         raise RunError(f"{run}: not a run directory (no config.toml); pass the --out directory of `cnnlab train`")
     cfg = load_config(run / "config.toml")
+    factory.require_trust(cfg.model, trust_code, run / "config.toml")
     path = run / "checkpoints" / f"{which}.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint; has the run finished an epoch?")
@@ -34,13 +37,20 @@ def load_run_model(run_dir, which: str = "last", device: str = "cpu"):
             f"{path}: checkpoint architecture differs from {run / 'config.toml'}: "
             f"{_first_difference(saved, cfg.model.to_dict())}"
         )
+    why = None if isinstance(cfg.model, ModelSpec) else factory.changed(cfg.model, meta.get("factory"))
+    if why and note is not None:
+        note(f"warning: {run}: {why}; the weights may not fit it")
     try:
-        spec = spec_from_dict(saved, "checkpoint spec")
-        model = build_model(spec, tuple(meta["in_shape"]), meta["num_classes"])
+        model = build_model(cfg.model, tuple(meta["in_shape"]), meta["num_classes"])
         state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(state)
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not fit the architecture: {str(e).splitlines()[0]}") from None
+    norm = meta.get("normalize")
+    if norm:  # the model takes [0, 1] images like any run's; it normalises them as training did
+        from cnnlab.model import Normalized
+
+        model = Normalized(model, norm["mean"], norm["std"])
     return model.to(device).eval(), cfg, meta
 
 
@@ -59,12 +69,14 @@ def _first_difference(a, b, where="model") -> str:
 
 
 @torch.inference_mode()
-def predict_arrays(model, images_hw, top_k: int = 3):
-    """images (N, H, W) float in [0, 1] -> list of (predicted, [(class, prob), ...])."""
-    x = torch.as_tensor(images_hw, dtype=torch.float32).unsqueeze(1)
-    expected = tuple(model.in_shape[1:])
-    if tuple(x.shape[2:]) != expected:
-        raise RunError(f"image size {tuple(x.shape[2:])} does not match the model's input {expected}")
+def predict_arrays(model, images, in_shape, top_k: int = 3):
+    """images (N, C, H, W) float in [0, 1] (or (N, H, W) for one channel) -> list of
+    (predicted, [(class, prob), ...]) of a model whose input is in_shape (C, H, W)."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if tuple(x.shape[1:]) != tuple(in_shape):
+        raise RunError(f"image shape {tuple(x.shape[1:])} does not match the model's input {tuple(in_shape)}")
     probs = model(x).softmax(1)
     out = []
     for p in probs:

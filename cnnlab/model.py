@@ -242,5 +242,26 @@ def _make(kind: str, args: dict, fast_dropout: bool) -> nn.Module:
     return getattr(nn, kind)(**args)
 
 
-def build_model(spec: ModelSpec, in_shape, num_classes: int, fast_dropout: bool = True, fast: bool = True) -> Net:
-    return Net(spec, tuple(in_shape), num_classes, fast_dropout, fast)
+class Normalized(nn.Module):
+    """A trained network behind its run's input normalisation ([data] normalize): takes images
+    in [0, 1] like every other run's model, subtracts the training split's per-channel mean
+    and divides by its std, as training did to its tensors (the same float32 operations)."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def build_model(spec, in_shape, num_classes: int, fast_dropout: bool = True, fast: bool = True) -> nn.Module:
+    """The network a [model] describes: the lab's Net for a ModelSpec, the user's module for a
+    cnnlab.factory.FactorySpec (this imports and runs the factory's code)."""
+    if isinstance(spec, ModelSpec):
+        return Net(spec, tuple(in_shape), num_classes, fast_dropout, fast)
+    from cnnlab import factory
+
+    return factory.build(spec, in_shape, num_classes)

@@ -1,11 +1,47 @@
-"""A run directory's metrics file, in one place: train.py writes it, and studies, the report,
-the Python API and the benchmarks read it through read_metrics (docs/layout.md)."""
+"""The run directory's format, in one place (docs/layout.md): where a study keeps its runs,
+the files' names, metrics.csv's columns, and the readers that studies, the report, the
+Python API and the benchmarks use. The engine (cnnlab.engine) writes a run directory."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
+
+CONFIG = "config.toml"  # the resolved configuration
+RESULT = "result.json"  # written last: a run is finished (or failed) when it exists
+METRICS = "metrics.csv"
+LOG = "train.log"
+SPLIT = "split.npz"
+PREDICTIONS = "predictions.npz"
+SUMMARY = "summary.txt"  # the model summary, written at training time (the report never imports model code)
+GRAPH = "graph.dot"  # the model graph's Graphviz source, likewise
+CHECKPOINTS = "checkpoints"
+
+
+def run_dir(study_dir: Path, variant: str, seed: int) -> Path:
+    return Path(study_dir) / "runs" / variant / f"seed-{seed}"
+
+
+def existing_seeds(out: Path, variant: str) -> list[int]:
+    """The seeds that have a run directory for `variant` under study directory `out`."""
+    found = []
+    for d in (Path(out) / "runs" / variant).glob("seed-*"):
+        tail = d.name[len("seed-"):]
+        if d.is_dir() and tail.isdigit():
+            found.append(int(tail))
+    return sorted(found)
+
+
+def read_result(run_dir) -> dict | None:
+    """A run directory's result.json, or None while there is none (or it is unreadable)."""
+    p = Path(run_dir) / RESULT
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
@@ -24,7 +60,7 @@ def read_metrics(run_dir) -> tuple[list[dict], str]:
     """(rows, "") with metrics.csv's rows sorted by epoch (epoch an int, the other columns that
     are there floats), or ([], why) when there is no metrics.csv or it cannot be used."""
     try:
-        text = (Path(run_dir) / "metrics.csv").read_text(encoding="utf-8", errors="replace")
+        text = (Path(run_dir) / METRICS).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return [], "no metrics.csv"
     try:

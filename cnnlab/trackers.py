@@ -78,7 +78,7 @@ class Trackers:
 
 def _study_of(out: Path, seed: int) -> tuple[Path, str] | None:
     """(study directory, variant) when `out` is a study's run directory, else None."""
-    from cnnlab.study import run_dir
+    from cnnlab.rundir import run_dir
 
     study, variant = out.parent.parent.parent, out.parent.name
     if run_dir(study, variant, seed) == out and (study / "study.json").is_file():

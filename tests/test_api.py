@@ -49,11 +49,13 @@ def test_import_cnnlab_is_cheap_and_the_api_names_resolve():
 def test_api_names_that_are_submodules_stay_modules_and_are_callable():
     import importlib
 
-    for name in ("train", "study", "summary"):
+    for name in ("study", "summary"):
         module = importlib.import_module(f"cnnlab.{name}")
         assert getattr(cnnlab, name) is module and callable(module)
-    assert cnnlab.study.execute_tasks.__module__ == "cnnlab.study"  # what spawned workers import
-    assert cnnlab.train.train_run and cnnlab.summary.format_summary
+    assert cnnlab.study.load_study.__module__ == "cnnlab.study.schema"
+    assert cnnlab.summary.format_summary
+    importlib.import_module("cnnlab.engine")
+    assert cnnlab.train.__module__ == "cnnlab.api" and callable(cnnlab.train)  # no module cnnlab/train.py
 
 
 # ---------------------------------------------------------------------------- one run

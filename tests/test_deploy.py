@@ -95,7 +95,7 @@ def test_export_writes_checked_models_and_export_json(exported, run_dir):
     import onnxruntime as ort
 
     from cnnlab.deploy import plain_model
-    from cnnlab.train import to_tensors
+    from cnnlab.engine.run import to_tensors
 
     assert sorted(p.name for p in exported.iterdir()) == ["export.json", "model.int8.onnx", "model.onnx",
                                                          "model_int8.h"]
@@ -280,7 +280,7 @@ def test_the_header_alone_reproduces_onnxruntime_int8(exported, run_dir):
     a, layers = _header_arrays(text), re.findall(r"^ \*   ((?:conv|pool|fc)\d+) ", text, re.M)
     assert layers == ["conv1", "pool1", "conv2", "pool2", "conv3", "fc1", "fc2", "fc3"]
     _, cfg, _ = load_run_model(run_dir)
-    x = load_dataset(cfg.data.name).test_images[:100].astype(np.float32) / 255  # training's preprocessing
+    x = load_dataset(cfg.data.name).test_images[:100, 0].astype(np.float32) / 255  # training's preprocessing
     ours = np.array([_int8_forward(a, layers, image[None]) for image in x])
     sess = ort.InferenceSession(str(exported / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     theirs = np.round(sess.run(None, {"x": x[:, None]})[0] / a["fc3_output_scale"][0]) + a["fc3_output_zero_point"][0]

@@ -57,10 +57,10 @@ def test_lab2_notebook_runs_and_shows_its_results(tmp_path, idx_dir, monkeypatch
     client.execute()  # raises CellExecutionError, with the cell's traceback, when a cell fails
 
     summary = _cell(nb, "cnnlab.summary(")
-    from cnnlab.summary import format_summary
+    from cnnlab.summary import summarize
     from cnnlab.spec import PRESETS
 
-    assert _outputs(summary, "text/plain") == [format_summary(PRESETS["lab2-3c3f-bn"], (1, 28, 28), 10)]
+    assert _outputs(summary, "text/plain") == [summarize(PRESETS["lab2-3c3f-bn"], (1, 28, 28), 10)[0]]
     html = _outputs(summary, "text/html")[0]
     assert "<th>Layer (type)</th>" in html and "Conv2d-1" in html and "Total params: 59,734" in html
 

@@ -208,7 +208,7 @@ def test_ray_study_matches_local_executor(cluster, study_file, local_study, tmp_
 
 
 def test_ray_batched_study_matches_local_batched_study(cluster, study_file, tmp_path, capsys):
-    """--batch-seeds 2: each variant's two seeds are one Ray task (cnnlab.batched), with the
+    """--batch-seeds 2: each variant's two seeds are one Ray task (cnnlab.engine.batched), with the
     local executor's numbers, bit for bit."""
     local, ray_out = tmp_path / "local", tmp_path / "ray"
     assert main(["study", str(study_file), "--out", str(local), "--workers", "2", "--batch-seeds", "2",
@@ -335,8 +335,8 @@ def test_study_dir_not_shared_with_workers_fails_clearly(cluster, study_file, tm
 
 def test_resource_requests():
     pytest.importorskip("ray")
-    from cnnlab.ray_executor import RayExecutor
-    from cnnlab.study import Task
+    from cnnlab.study.ray import RayExecutor
+    from cnnlab.study.worker import Task
 
     def task(device):
         return Task("v", 0, {"train": {"device": device}}, "/tmp/none")

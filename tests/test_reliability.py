@@ -101,7 +101,7 @@ def small_fs(tmp_path):
 def test_full_disk_loses_nothing(small_fs, idx_dir, tmp_path):
     from cnnlab.config import config_from_dict
     from cnnlab.data import load_dataset
-    from cnnlab.train import train_run
+    from cnnlab.engine.loop import train_run
 
     cfg = config_from_dict({"data": {"name": f"idx:{idx_dir}", "val_size": 100},
                             "model": {"conv": [{"out_channels": 4, "pool": 2}], "fc": [{"width": 256}]},
@@ -230,8 +230,8 @@ def test_study_worker_killed_mid_run_is_resumed(tmp_path, idx_dir):
 def test_two_studies_on_one_directory(tmp_path, idx_dir):
     """A second `cnnlab study` on a directory whose study is running is refused. The second one
     starts from inside the first's executor, so the first surely holds its lock then."""
-    from cnnlab.executors import LocalExecutor
-    from cnnlab.runner import run_study
+    from cnnlab.study.executors import LocalExecutor
+    from cnnlab.study.runner import run_study
     from cnnlab.study import load_study
 
     study = tmp_path / "s.toml"

@@ -50,7 +50,8 @@ def _engine_and_plain(tmp_path, preset, seed=3, epochs=3):
     randperm per epoch). Returns (engine run dir, plain result, data, spec)."""
     from cnnlab.config import DataConfig, RunConfig, TrainConfig
     from cnnlab.data import load_dataset
-    from cnnlab.train import make_split, to_tensors, train_run
+    from cnnlab.engine.loop import train_run
+    from cnnlab.engine.run import make_split, to_tensors
 
     torch.set_num_threads(1)
     idx = make_idx_dir(tmp_path / "synth", n_train=700, n_test=200, size=(28, 28), classes=10)

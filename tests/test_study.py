@@ -161,7 +161,7 @@ def test_a_worker_reuses_its_dataset_until_a_file_changes(tmp_path):
 
     import numpy as np
 
-    from cnnlab.study import _dataset
+    from cnnlab.study.worker import _dataset
     from conftest import make_idx_dir, write_idx
 
     folder = make_idx_dir(tmp_path / "d")

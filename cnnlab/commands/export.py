@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cnnlab.commands._common import add_trust_code
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a run to ONNX (fp32, int8) and a C header, with checks and figures",
@@ -17,6 +19,7 @@ def register(sub) -> None:
                    help="int8 calibration images, class-balanced, from the run's training split (default: 500)")
     p.add_argument("--c-header", action="store_true",
                    help="also write model_int8.h, the int8 tensors as C arrays (implies --int8)")
+    add_trust_code(p, "export it")
     p.set_defaults(func=run)
 
 
@@ -26,7 +29,8 @@ def run(args) -> int:
     from cnnlab.deploy import export_run
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "export"
-    info = export_run(args.run_dir, out=out, int8=args.int8, calibration=args.calibration, c_header=args.c_header)
+    info = export_run(args.run_dir, out=out, int8=args.int8, calibration=args.calibration, c_header=args.c_header,
+                      trust_code=args.trust_code)
 
     def fmt(v, unit=""):
         return "-" if v is None else f"{v:.2f}{unit}" if isinstance(v, float) else f"{v}{unit}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cnnlab.commands._common import add_trust_code
+
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="predict test image N or image files with a trained run",
@@ -17,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--save-image", metavar="PATH",
                    help="write the input with its predicted label as PNG (a directory when several images)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last", help="which checkpoint (default: last)")
+    add_trust_code(p, "predict with it")
     p.set_defaults(func=run)
 
 
@@ -25,7 +28,8 @@ def run(args) -> int:
     from cnnlab import api
 
     preds = api.predict_run(args.run_dir, args.index, args.images, top_k=args.top_k, invert=args.invert,
-                            checkpoint=args.checkpoint, note=lambda path, text: print(f"{path}: {text}"))
+                            checkpoint=args.checkpoint, note=lambda path, text: print(f"{path}: {text}"),
+                            trust_code=args.trust_code)
     for p in preds:
         if len(preds) > 1:
             print(p.source)

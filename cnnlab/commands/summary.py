@@ -1,4 +1,7 @@
-"""cnnlab summary: the lab's model summary table, from the spec alone (no training)."""
+"""cnnlab summary: the lab's model summary table, from the spec alone (no training).
+
+The table is the report's (cnnlab.summary.format_layers) plus a "Total mult-adds" line after the
+parameter counts: multiply-accumulates for one input, as torchinfo counts them."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from __future__ import annotations
 def register(sub) -> None:
     from cnnlab.commands._common import add_model_args
 
-    p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
+    p = sub.add_parser("summary", help="print a model's layers, output shapes, parameter counts and mult-adds")
     add_model_args(p)
     p.add_argument("--input", metavar="CxHxW", default="1x28x28", help="input shape (default: 1x28x28)")
     p.add_argument("--classes", type=int, default=10, metavar="N", help="number of classes (default: 10)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cnnlab.commands._common import add_model_args, add_train_args
+from cnnlab.commands._common import add_model_args, add_train_args, add_trust_code
 
 
 def register(sub) -> None:
@@ -16,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-seed<N>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint (its config.toml is used)")
+    add_trust_code(p, "resume it (with --resume; training from your own --config needs no flag)")
     p.set_defaults(func=run)
 
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         if args.preset or args.config:
             api.check_resumable(args.resume)  # a directory that is not a run is named first, as always
             raise ConfigError("--resume uses the run's own config.toml; drop --preset/--config")
-        run = api.resume(args.resume, command=command)
+        run = api.resume(args.resume, command=command, trust_code=args.trust_code)
     else:
         run = api.train(args.preset, config=args.config, data=args.data, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit=args.limit,

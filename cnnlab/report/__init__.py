@@ -51,7 +51,9 @@ def build_report(study_dir: Path, *, dot: str | None = None) -> tuple[Path, Path
 
 
 def model_summaries(study, an) -> dict[str, str]:
-    """The lab's model summary table per variant (cnnlab.summary), or why there is none."""
+    """The lab's model summary table per variant (cnnlab.summary; a factory's from its runs'
+    summary.txt), or why there is none."""
+    from cnnlab.spec import ModelSpec
     from cnnlab.summary import format_summary
 
     out = {}
@@ -59,6 +61,9 @@ def model_summaries(study, an) -> dict[str, str]:
         spec = study.variants[name].spec
         if spec is None:
             out[name] = f"(no summary: {study.variants[name].spec_error})"
+        elif not isinstance(spec, ModelSpec):  # a factory's module: its stored summary, never its code
+            text = study.variants[name].stored("summary")
+            out[name] = text.rstrip("\n") if text else "(no summary: no finished run stored summary.txt)"
         elif vs.in_shape is None or vs.num_classes is None:
             out[name] = "(no summary: no finished run records the input shape and number of classes)"
         else:

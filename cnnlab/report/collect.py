@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cnnlab.errors import CnnlabError, ConfigError
+from cnnlab import rundir
 from cnnlab.rundir import read_metrics
 from cnnlab.study import Comparison, Stopping, comparison_from, stopping_from
 
@@ -41,6 +42,8 @@ class Run:
     metrics_note: str = ""  # why metrics is None, when it is
     log: str | None = None  # train.log
     config_toml: str | None = None
+    summary: str | None = None  # summary.txt: the model summary written at training time
+    graph_dot: str | None = None  # graph.dot: the model graph's source, likewise
     export: dict[str, Any] | None = None  # export/export.json (cnnlab.deploy), when the run was exported
     export_note: str = ""  # why an export is absent or unusable (export-error.txt's line, ...)
 
@@ -53,13 +56,18 @@ class Run:
 class Variant:
     name: str
     config: dict[str, Any]  # the resolved config dict from study.json
-    spec: Any = None  # cnnlab.spec.ModelSpec, or None when the config does not parse
+    spec: Any = None  # cnnlab.spec.ModelSpec or cnnlab.factory.FactorySpec; None when the config does not parse
     spec_error: str = ""
     runs: list[Run] = field(default_factory=list)  # one per study seed, sorted by seed
 
     @property
     def finished(self) -> list[Run]:
         return [r for r in self.runs if r.finished]
+
+    def stored(self, what: str) -> str | None:
+        """A finished run's summary.txt ("summary") or graph.dot ("graph_dot"), the first seed's
+        that has one: what the report shows for a model it must not build (a factory's)."""
+        return next((getattr(r, what) for r in self.finished if getattr(r, what)), None)
 
     @property
     def data_info(self) -> dict[str, Any]:
@@ -159,7 +167,7 @@ def _load_variant(study: Path, name: str, config: dict, seeds: list[int]) -> Var
         v.spec = config_from_dict(config, f"study.json: variants.{name}").model
     except CnnlabError as e:
         v.spec_error = str(e)
-    v.runs = [load_run(study / "runs" / name / f"seed-{s}", name, s) for s in seeds]
+    v.runs = [load_run(rundir.run_dir(study, name, s), name, s) for s in seeds]
     return v
 
 
@@ -181,8 +189,10 @@ def load_run(path: Path, variant: str, seed: int) -> Run:
     if not path.is_dir():
         run.reason = "no run directory: not started"
         return run
-    run.config_toml = _read_text(path / "config.toml")
-    run.log = _read_text(path / "train.log")
+    run.config_toml = _read_text(path / rundir.CONFIG)
+    run.log = _read_text(path / rundir.LOG)
+    run.summary = _read_text(path / rundir.SUMMARY)
+    run.graph_dot = _read_text(path / rundir.GRAPH)
     run.metrics, run.metrics_note = metric_columns(path)
     rj = path / "result.json"
     if not rj.is_file():
@@ -259,11 +269,14 @@ def load_predictions(run: Run) -> tuple[dict[str, np.ndarray] | None, str]:
 
 def load_test_images(name: str, expected_sha256: dict[str, str] | None = None
                      ) -> tuple[np.ndarray | None, list[str] | None, str]:
-    """(test images uint8 (N, H, W), class names or None, "") or (None, None, why).
+    """(test images for display, class names or None, "") or (None, None, why).
 
-    Loads from the local cache only (never downloads), and refuses a dataset whose test
-    image file differs from the one the runs recorded. Never raises: a report must build
-    without its pictures.
+    Images come as uint8, (N, H, W) for grayscale and (N, H, W, 3) for RGB, ready for
+    imshow: float datasets are shown as they are when they lie in [0, 1], stretched from
+    their min..max otherwise. Loads from the local cache only (never downloads), and refuses
+    a dataset whose test images differ from the ones the runs recorded (the t10k-images file
+    of IDX data; the sha256 that covers the whole dataset for the other sources). Never
+    raises: a report must build without its pictures.
     """
     try:
         from cnnlab.data import load_dataset
@@ -276,12 +289,20 @@ def load_test_images(name: str, expected_sha256: dict[str, str] | None = None
         got = dict(getattr(ds, "sha256", {}) or {})
     except Exception as e:  # noqa: BLE001 - any failure only costs the pictures
         return None, None, f"dataset {name!r} could not be loaded: {e}"
-    if images.ndim == 4 and images.shape[1] == 1:
-        images = images[:, 0]
-    if images.ndim != 3:
-        return None, None, f"dataset {name!r}: test images have shape {images.shape}, expected (N, H, W)"
-    for fname, digest in sorted((expected_sha256 or {}).items()):
-        if "t10k-images" in fname and fname in got and got[fname] != digest:
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        return None, None, f"dataset {name!r}: test images have shape {images.shape}, expected (N, C, H, W), C 1 or 3"
+    if images.dtype != np.uint8:
+        x = np.nan_to_num(images.astype(np.float64))
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 1.0)
+        if lo < 0.0 or hi > 1.0:
+            x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+        images = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+    images = images[:, 0] if images.shape[1] == 1 else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    expected = dict(expected_sha256 or {})
+    if any("t10k-images" in f for f in expected):  # IDX: only the test image file matters
+        expected = {f: d for f, d in expected.items() if "t10k-images" in f}
+    for fname, digest in sorted(expected.items()):
+        if fname in got and got[fname] != digest:
             return None, None, (f"dataset {name!r} on this machine differs from the one the runs used "
                                 f"({fname}: sha256 {got[fname][:12]}... here, {digest[:12]}... in result.json)")
     return images, classes, ""

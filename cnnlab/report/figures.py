@@ -74,7 +74,7 @@ def _class_names(classes: list[str] | None, k: int) -> list[str]:
 
 
 def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
-    from cnnlab.spec import layer_table
+    from cnnlab.spec import ModelSpec, layer_table
 
     figs = Figures()
     foot = protocol_line(study, an)
@@ -99,6 +99,16 @@ def make_figures(study: Study, an: Analysis, dot: str | None = None) -> Figures:
         # model graph
         if v.spec is None:
             figs.graph[name] = GraphInfo(None, f"the configuration does not give a usable model: {v.spec_error}", None)
+        elif not isinstance(v.spec, ModelSpec):  # a factory's module: the graph its runs stored
+            source = v.stored("graph_dot")
+            notes = [ln[len("// note: "):] for ln in (source or "").splitlines() if ln.startswith("// note: ")]
+            png, why = graph.render_png(source, dot) if source and "digraph" in source else (
+                None, notes[0] if notes else "no finished run stored graph.dot")
+            fig = figs.add(Fig(f"graph{s}.png", png, f"model graph of {name}",
+                               f"Model graph of {name}, traced from the module (torch.fx): one node per layer or "
+                               "operation with its output shape; a skip connection is an edge that jumps ahead"
+                               + (f". Note: {notes[0]}" if notes else "") + ".")) if png else None
+            figs.graph[name] = GraphInfo(fig, why, None)
         elif vs.in_shape is None or vs.num_classes is None:
             figs.graph[name] = GraphInfo(None, "no finished run records the input shape and number of classes", None)
         else:

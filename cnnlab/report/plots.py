@@ -128,6 +128,14 @@ def confusion(matrix: np.ndarray, class_names: Sequence[str], footer: str, title
 
 # ---------------------------------------------------------------------------- images
 
+def _show(ax, image: np.ndarray) -> None:
+    """An image with values 0..255: (H, W) in gray, (H, W, 3) in colour."""
+    if image.ndim == 3:
+        ax.imshow(np.clip(image, 0, 255).astype(np.uint8), interpolation="nearest")
+    else:
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+
+
 def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], footer: str, title: str = "",
                cols: int = 5) -> bytes:
     n = len(images)
@@ -140,7 +148,7 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], footer: st
         for k, ax in enumerate(axes.ravel()):
             ax.axis("off")
             if k < n:
-                ax.imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                _show(ax, images[k])
                 ax.set_title(captions[k], fontsize=8)
         if title:
             fig.suptitle(title)
@@ -156,7 +164,7 @@ def example(image: np.ndarray | None, caption: str, top_k: Sequence[tuple[str, f
     with _style():
         axes = fig.subplots(1, panels, squeeze=False)[0]
         if image is not None:
-            axes[0].imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            _show(axes[0], image)
             axes[0].axis("off")
             axes[0].set_title(caption)
         ax = axes[-1]

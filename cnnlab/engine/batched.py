@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -39,8 +37,8 @@ from cnnlab import fastops, model as model_mod
 from cnnlab.config import RunConfig
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.model import build_model
-from cnnlab import faults
-from cnnlab.train import PROGRESS_STEPS, Run, run_directory
+from cnnlab.engine.loop import fit
+from cnnlab.engine.run import Run, run_directory
 
 _KINDS = (nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, model_mod.FastDropout, nn.Dropout, nn.ReLU, nn.MaxPool2d,
           nn.Flatten, nn.Linear)
@@ -155,6 +153,57 @@ class StackedNet:
             b.copy_(s[k])
 
 
+class FuncStackedNet:
+    """K copies of any module, stacked with torch.func (stack_module_state, then vmap over
+    functional_call): the stacked form for a factory's module (cnnlab.factory). Parameters
+    are leaves of shape (K, *shape) in the order of the module's parameters(). Random ops
+    are refused (vmap randomness="error"): vmap cannot give each model its own run's stream,
+    so a module with dropout trains one seed at a time."""
+
+    def __init__(self, nets: list[nn.Module]):
+        import copy
+
+        from torch.func import stack_module_state
+
+        self.k = len(nets)
+        params, buffers = stack_module_state(nets)
+        self.names = [name for name, _ in nets[0].named_parameters()]
+        self.params = [params[n] for n in self.names]
+        self.state = {**params, **buffers}
+        self.template = copy.deepcopy(nets[0]).to("meta")  # the architecture only; no weights
+
+    def train(self, mode: bool = True) -> None:
+        self.template.train(mode)
+
+    def forward(self, x: torch.Tensor, generators=None) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        return vmap(lambda state, xk: functional_call(self.template, state, (xk,)), randomness="error")(self.state, x)
+
+    @torch.no_grad()
+    def copy_to(self, k: int, net: nn.Module) -> None:
+        for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+            t.copy_(self.state[name][k])
+
+
+def func_why_not(net: nn.Module, in_shape) -> str | None:
+    """Why torch.func cannot stack this module (a training step on two copies, on zeros), or None."""
+    import copy
+
+    try:
+        copies = [copy.deepcopy(net).train() for _ in range(2)]
+        stacked = FuncStackedNet(copies)
+        out = stacked.forward(torch.zeros(2, 2, *in_shape, device=stacked.params[0].device if stacked.params else None))
+        out.float().sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means: train one seed at a time
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "random operation" in text:
+            return (f"{type(net).__name__} draws random numbers (dropout) in training, and torch.func's vmap "
+                    "cannot give each seed its own run's random stream")
+        return f"torch.func cannot stack {type(net).__name__}: {text[:200]}"
+    return None
+
+
 def _generator(run: Run) -> torch.Generator:
     """A generator that draws what this run's own dropout draws from torch's generator: on the
     CPU, torch's stream right after the model's initialisation; on a GPU, the device's
@@ -195,7 +244,8 @@ def train_batched(cfgs: list[RunConfig], outs: list, *, dataset, echos=None, pro
 
     check_group(cfgs)
     c = cfgs[0]
-    why = why_not(build_model(c.model, dataset.input_shape, dataset.num_classes))
+    net = build_model(c.model, dataset.input_shape, dataset.num_classes)
+    why = why_not(net) if isinstance(net, model_mod.Net) else func_why_not(net, dataset.input_shape)
     if why:
         raise NotBatchable(f"these runs cannot be batched: {why}; run them one by one")
     K = len(cfgs)
@@ -210,66 +260,54 @@ def train_batched(cfgs: list[RunConfig], outs: list, *, dataset, echos=None, pro
 
 
 def _train(runs: list[Run], progresses) -> list[dict | RunError]:
-    K, tc, device = len(runs), runs[0].cfg.train, runs[0].device
-    net = StackedNet([r.model for r in runs])
-    gens = [_generator(r) for r in runs]
-    for r, g in zip(runs, gens):
-        r.rng_state = _rng_state(r, g)
-        r.batched = r.base_result["kernels"] = f"torch ({device.type}), {K} seeds batched as one network (cnnlab.batched)"
-    opt = fastops.LeanAdam(net.params, lr=tc.lr)  # elementwise: model k's Adam, exactly
-    x_all = torch.cat([r.data.x_train for r in runs])  # (K*N, C, H, W): one gather per step
-    y_all = torch.cat([r.data.y_train for r in runs])
-    n, bs = len(runs[0].data.y_train), tc.batch_size
-    for k, r in enumerate(runs):  # each run's own images are a view of the batch's
-        r.data.x_train, r.data.y_train = x_all[k * n : (k + 1) * n], y_all[k * n : (k + 1) * n]
-    offsets = (torch.arange(K, device=device) * n).unsqueeze(1)
-    steps = math.ceil(n / bs)
-    outcome: list[dict | RunError | None] = [None] * K
-    fault = faults.point()
-    for epoch in range(tc.epochs):
-        te = time.time()
-        live = [k for k in range(K) if outcome[k] is None]
-        for k in live:
-            if progresses[k]:
-                progresses[k](epoch, 0, steps)
-        net.train()
-        perms = [torch.randperm(n, generator=r.order_gen) for r in runs]  # every run's order, failed or not
-        order = torch.stack(perms).to(device) + offsets  # (K, n) indices into x_all
-        step_loss = torch.empty(K, steps, device=device)
-        pred = torch.empty(K, n, dtype=torch.int64, device=device)
-        for step in range(steps):
-            idx = order[:, step * bs : (step + 1) * bs]
-            b = idx.shape[1]
-            xb = torch.index_select(x_all, 0, idx.reshape(-1)).view(K, b, *x_all.shape[1:])
-            yb = y_all[idx]
-            opt.zero_grad(set_to_none=True)
-            logits = net.forward(xb, gens)
-            losses = F.cross_entropy(logits.reshape(K * b, -1), yb.reshape(-1), reduction="none").view(K, b).mean(1)
-            losses.sum().backward()
-            opt.step()
-            step_loss[:, step] = losses.detach()
-            torch.argmax(logits.detach(), 2, out=pred[:, step * bs : step * bs + b])
-            if (step + 1) % PROGRESS_STEPS == 0:
-                for k in live:
-                    if progresses[k]:
-                        progresses[k](epoch, step + 1, steps)
-            faults.maybe_die(fault, "kill", epoch, step)
-        share = (time.time() - te) / K  # each run's epoch seconds: its share of the steps, then its own evaluation
-        for k in live:
-            r = runs[k]
-            net.copy_to(k, r.model)
-            _copy_adam_state(opt, net.params, k, r.opt)
-            try:
-                r.end_epoch(epoch, step_loss[k], pred[k], perms[k].to(device), time.time() - share)
-            except RunError as e:  # this model's loss became NaN: it fails alone
-                outcome[k] = e
-                continue
-            if progresses[k]:
-                progresses[k](epoch, steps, steps)
-    for k in range(K):
-        if outcome[k] is None:
-            outcome[k] = runs[k].finish()
-    return outcome
+    return fit(runs, StackedSteps(runs), progresses)
+
+
+class StackedSteps:
+    """The step function for K seeds of one variant (train.fit): one StackedNet, one Adam
+    over the stacked parameters, one batch per take from each run's own order; after an
+    epoch each model's slice goes back into its run's model and optimizer (sync)."""
+
+    def __init__(self, runs: list[Run]):
+        K, tc, device = len(runs), runs[0].cfg.train, runs[0].device
+        self.runs, self.k, self.bs = runs, K, tc.batch_size
+        nets = [r.model for r in runs]
+        self.net = StackedNet(nets) if isinstance(nets[0], model_mod.Net) else FuncStackedNet(nets)
+        self.gens = [_generator(r) for r in runs]
+        for r, g in zip(runs, self.gens):
+            r.rng_state = _rng_state(r, g)
+            r.batched = r.base_result["kernels"] = (f"torch ({device.type}), {K} seeds batched as one network "
+                                                    f"(cnnlab.engine.batched{', torch.func' if isinstance(self.net, FuncStackedNet) else ''})")
+        self.opt = fastops.LeanAdam(self.net.params, lr=tc.lr)  # elementwise: model k's Adam, exactly
+        self.x_all = torch.cat([r.data.x_train for r in runs])  # (K*N, C, H, W): one gather per step
+        self.y_all = torch.cat([r.data.y_train for r in runs])
+        n = self.n = len(runs[0].data.y_train)
+        for k, r in enumerate(runs):  # each run's own images are a view of the batch's
+            r.data.x_train, r.data.y_train = self.x_all[k * n : (k + 1) * n], self.y_all[k * n : (k + 1) * n]
+        self.offsets = (torch.arange(K, device=device) * n).unsqueeze(1)
+
+    def train(self) -> None:
+        self.net.train()
+
+    def take(self, order, start: int, stop: int, step_loss, pred) -> int:
+        K, bs = self.k, self.bs
+        idx = order[:, start * bs : (start + 1) * bs] + self.offsets  # (K, b) indices into x_all
+        b = idx.shape[1]
+        xb = torch.index_select(self.x_all, 0, idx.reshape(-1)).view(K, b, *self.x_all.shape[1:])
+        yb = self.y_all[idx]
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.net.forward(xb, self.gens)
+        losses = F.cross_entropy(logits.reshape(K * b, -1), yb.reshape(-1), reduction="none").view(K, b).mean(1)
+        losses.sum().backward()
+        self.opt.step()
+        step_loss[:, start] = losses.detach()
+        torch.argmax(logits.detach(), 2, out=pred[:, start * bs : start * bs + b])
+        return 1
+
+    def sync(self) -> None:
+        for k, r in enumerate(self.runs):
+            self.net.copy_to(k, r.model)
+            _copy_adam_state(self.opt, self.net.params, k, r.opt)
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@
   A worker killed mid-run breaks the pool; the executor starts a new pool and resumes the
   unfinished runs from their last checkpoint, up to `retries` times per run. With
   batch_seeds > 1 a worker trains up to that many new seeds of a variant as one batched
-  network (cnnlab.batched; for GPUs); resumed runs go alone.
-- RayExecutor (cnnlab.ray_executor): one Ray task per run (or per batch of seeds), same
+  network (cnnlab.engine.batched; for GPUs); resumed runs go alone.
+- RayExecutor (cnnlab.study.ray): one Ray task per run (or per batch of seeds), same
   outcome format.
 
 Both execute study.execute_tasks, which writes the run directories itself; nothing but a
@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
-from cnnlab.study import Task, batch_groups, execute_tasks
+from cnnlab.study.worker import Task, batch_groups, execute_tasks
 
 
 def _init_worker(threads: int) -> None:

@@ -1,9 +1,9 @@
 """RayExecutor: one Ray task per (variant, seed) run, or per batch of seeds of a variant
-(`--batch-seeds K`, cnnlab.batched); the same interface as LocalExecutor.
+(`--batch-seeds K`, cnnlab.engine.batched); the same interface as LocalExecutor.
 
     executor.run(tasks, on_done)   # blocks; calls on_done(task, outcome) as each run ends
 
-Each task runs cnnlab.study.execute_task on a Ray worker, which writes the run directory
+Each task runs cnnlab.study.worker.execute_tasks on a Ray worker, which writes the run directory
 itself; only the small outcome dict travels back. So the study directory must be on a file
 system that every node mounts at the same path (checked by a probe task on every node
 before any run starts; see docs/ray.md). A worker or node that dies is retried by Ray
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from cnnlab.errors import ConfigError, RunError
-from cnnlab.study import Task, batch_groups
+from cnnlab.study.worker import Task, batch_groups
 
 NEEDS_EXTRA = "the Ray executor needs the ray extra: pip install 'cnnlab[ray]'"
 SHARED_DIR_HELP = ("--out must be on a file system that every Ray node mounts at the same path "
@@ -58,7 +58,7 @@ def cnnlab_run(task: Task | list[Task], threads: int, cwd: str, env: dict, hide_
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
-    from cnnlab.study import execute_tasks, needs_work
+    from cnnlab.study.worker import execute_tasks, needs_work
 
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative idx:DIR paths mean the same as on the driver
@@ -274,7 +274,7 @@ class RayExecutor:
 
     # -- the interface
     def run(self, tasks: list[Task], on_done: Callable[[Task, dict], None]) -> None:
-        from cnnlab.study import read_result
+        from cnnlab.rundir import read_result
 
         if not tasks:
             return

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.fsutil import atomic_write_json, exclusive
-from cnnlab.study import (Study, Task, check_existing, decide_all, existing_seeds, next_round, read_progress,
-                          needs_work, read_result, seeds_text, tasks_for)
+from cnnlab.rundir import existing_seeds, read_result
+from cnnlab.study.schema import Study, decide_all, next_round, seeds_text
+from cnnlab.study.worker import Task, check_existing, needs_work, read_progress, tasks_for
 
 
 class Display:
@@ -88,7 +89,6 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
     """Run every unfinished (variant, seed) of `study` into `out`; with seeds until resolved,
     in rounds until every comparison is resolved or the budget is spent. Returns counts."""
     from cnnlab.data import load_dataset
-    from cnnlab.spec import layer_table
     from cnnlab import versions
 
     out = Path(out)
@@ -104,11 +104,12 @@ def run_study(study: Study, out: Path, executor, study_file: Path | None = None,
                 datasets[cfg.data.name] = load_dataset(cfg.data.name)
             ds = datasets[cfg.data.name]
             from cnnlab.errors import SpecError
+            from cnnlab.factory import check_model
 
             try:
-                layer_table(cfg.model, ds.input_shape, ds.num_classes)
-            except SpecError as e:
-                raise SpecError(f"variant {vname}: {e}") from None
+                check_model(cfg.model, ds.input_shape, ds.num_classes)
+            except (SpecError, ConfigError) as e:
+                raise type(e)(f"variant {vname}: {e}") from None
         if study.export is not None:
             from cnnlab.deploy import require_extra
 

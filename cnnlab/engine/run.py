@@ -1,6 +1,7 @@
-"""The training engine: one run = one run directory (docs/layout.md).
+"""One run's state and its run directory (docs/layout.md, cnnlab.rundir): everything of a
+run but its training steps, which cnnlab.engine.loop.fit takes.
 
-Sections: device & versions, data, evaluation, checkpoint state, the training loop.
+Sections: device & versions, data, evaluation, checkpoint state, the run.
 
 Speed without changing the protocol (docs/performance.md):
 - the whole split lives on the device as one float tensor, indexed per batch;
@@ -10,7 +11,7 @@ Speed without changing the protocol (docs/performance.md):
   compiled on first use; torch's fast path in cnnlab.fastops without a C compiler), malloc
   is kept from returning memory to the OS (fastops.tune_allocator), and Adam takes a leaner
   step into the same fused kernel (fastops.LeanAdam); with the C step, runs of up to
-  PROGRESS_STEPS full batches (gather, step, Adam, predictions) are one C call each
+  loop.PROGRESS_STEPS full batches (gather, step, Adam, predictions) are one C call each
   (Net.native_train_steps), bit-identical to the steps one by one;
 - evaluation runs under inference_mode in large chunks, while the loss is still reported
   as the lab's "sum of per-batch mean losses" at the training batch size.
@@ -29,17 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import cpu_model, fastops, faults, native, trackers, versions
+from cnnlab import cpu_model, factory, fastops, faults, native, trackers, versions
 from cnnlab.config import RunConfig, dump_config
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.fsutil import atomic_savez, atomic_write_json, atomic_write_text, clean_temp_files, exclusive
 from cnnlab.model import build_model
+from cnnlab import rundir
 from cnnlab.rundir import metrics_csv
-from cnnlab.spec import layer_table
+from cnnlab.spec import ModelSpec, layer_table
 
 EVAL_CHUNK = 1000  # samples per forward pass in eval mode
 EXAMPLE_INDEX = 4  # the lab plots test image 4
-PROGRESS_STEPS = 20  # steps between progress reports (and the longest run of steps in one C call)
 
 
 # ---------------------------------------------------------------------------- device & versions
@@ -72,8 +73,13 @@ def device_name(dev: torch.device) -> str:
     return str(dev)
 
 
-def kernels(dev: torch.device) -> str:
-    """Which kernels train on dev: on the CPU cnnlab's native ones, or torch's and why."""
+def kernels(dev: torch.device, model=None) -> str:
+    """Which kernels train `model` on dev: for the lab's networks on the CPU cnnlab's native
+    ones (or torch's and why); for any other module torch's, with autograd."""
+    from cnnlab.model import Net
+
+    if model is not None and not isinstance(model, Net):
+        return f"torch ({dev.type}), autograd"
     return native.describe() if dev.type == "cpu" else f"torch ({dev.type})"
 
 
@@ -99,10 +105,19 @@ class Tensors:
     y_test: torch.Tensor
 
 
-def to_tensors(ds, train_idx, val_idx, device) -> Tensors:
-    def imgs(a):
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
-        return t.unsqueeze(1).float().div_(255.0)  # (N, H, W) uint8 -> (N, 1, H, W) in [0, 1]
+def to_tensors(ds, train_idx, val_idx, device, norm: dict | None = None) -> Tensors:
+    """The split's images as float32 in [0, 1] (uint8 / 255; float32 as is), then, with norm
+    ({"mean": [...], "std": [...]} per channel), (x - mean) / std as model.Normalized does."""
+    def imgs(a):  # Dataset images are (N, C, H, W)
+        if a.dtype == np.uint8:
+            t = torch.from_numpy(np.ascontiguousarray(a)).to(device).float().div_(255.0)
+        else:
+            t = torch.from_numpy(np.array(a, dtype=np.float32)).to(device)
+        if norm:
+            shape = (1, -1, 1, 1)
+            t = (t - torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(shape)) / \
+                torch.tensor(norm["std"], dtype=torch.float32, device=device).view(shape)
+        return t
 
     def labels(a):
         return torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
@@ -112,6 +127,15 @@ def to_tensors(ds, train_idx, val_idx, device) -> Tensors:
         imgs(ds.train_images[val_idx]), labels(ds.train_labels[val_idx]),
         imgs(ds.test_images), labels(ds.test_labels),
     )
+
+
+def normalization(ds, train_idx) -> dict:
+    """{"mean": [...], "std": [...]} per channel over the training split's images only (a
+    constant channel keeps std 1: nothing to scale)."""
+    from cnnlab.data import channel_stats
+
+    mean, std = channel_stats(ds.train_images, train_idx)
+    return {"mean": [float(m) for m in mean], "std": [float(s) if s > 0 else 1.0 for s in std]}
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -216,24 +240,6 @@ def make_optimizer(model, cfg: RunConfig, device):
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
 
 
-def train_run(cfg: RunConfig, out_dir, *, dataset=None, resume: bool = False, echo=print,
-              progress=None, command: str | None = None) -> dict:
-    """Train one run into out_dir and return its result.json dict.
-
-    resume=True continues from out_dir/checkpoints/last.safetensors (epoch boundary);
-    the result is bit-identical to an uninterrupted run on the same machine and versions.
-    `progress(epoch, step, steps)` is called at each epoch start and end (for displays).
-    A NaN/Inf loss stops the run, marks it failed and writes no checkpoint after it.
-    """
-    from cnnlab import checkpoint
-    from cnnlab.data import load_dataset
-
-    out = Path(out_dir)
-    with run_directory(out):
-        return _train_locked(cfg, out, dataset or load_dataset(cfg.data.name), resume, echo, progress,
-                             command, checkpoint)
-
-
 def run_directory(out: Path):
     """Make the run directory `out` (and its checkpoints/) and hold its lock: a context manager.
     A directory that cannot be made or written, or that another process trains, is a RunError."""
@@ -247,64 +253,13 @@ def run_directory(out: Path):
     return exclusive(out, ".lock", f"run directory {out} is in use by another cnnlab process (lock {out / '.lock'})")
 
 
-def _train_locked(cfg, out, ds, resume, echo, progress, command, checkpoint) -> dict:
-    run = Run(cfg, out, ds, resume, echo, command, checkpoint)
-    model, opt, data = run.model, run.opt, run.data
-    n, bs = len(data.y_train), cfg.train.batch_size
-    steps = math.ceil(n / bs)
-    fault = faults.point()
-    for epoch in range(run.start_epoch, cfg.train.epochs):
-        te = time.time()
-        if progress:
-            progress(epoch, 0, steps)
-        model.train()
-        perm = torch.randperm(n, generator=run.order_gen).to(run.device)
-        # per-step results stay on the device, one small copy each; the host reads them
-        # once, after the epoch (no sync inside it)
-        step_loss = torch.empty(steps, device=run.device)
-        pred = torch.empty(n, dtype=torch.int64, device=run.device)  # in batch order
-        step = 0
-        while step < steps:
-            # on the CPU, runs of full batches go to C in one call each (model.native_train_steps,
-            # the same numbers as the steps below); a run ends where progress is reported
-            span = min(PROGRESS_STEPS - step % PROGRESS_STEPS, n // bs - step)
-            if fault is not None and fault[:2] == ("kill", epoch) and step <= fault[2] < step + span:
-                span = fault[2] - step + 1
-            if span > 0 and model.native_train_steps(opt, data.x_train, data.y_train, perm[step * bs : (step + span) * bs],
-                                                     bs, step_loss[step : step + span], pred[step * bs : (step + span) * bs]):
-                step += span
-            else:  # one step
-                idx = perm[step * bs : (step + 1) * bs]
-                xb, yb = torch.index_select(data.x_train, 0, idx), data.y_train[idx]  # 2x faster than x[idx]
-                opt.zero_grad(set_to_none=True)
-                native_step = model.native_train_step(xb, yb)  # the CPU fast path, no autograd
-                if native_step is not None:
-                    loss, logits = native_step
-                else:
-                    logits = model(xb)
-                    loss = F.cross_entropy(logits, yb)
-                    loss.backward()
-                opt.step()
-                step_loss[step] = loss.detach()
-                torch.argmax(logits.detach(), 1, out=pred[step * bs : (step + 1) * bs])
-                step += 1
-            if progress and step % PROGRESS_STEPS == 0:
-                progress(epoch, step, steps)
-            faults.maybe_die(fault, "kill", epoch, step - 1)
-        run.end_epoch(epoch, step_loss, pred, perm, te)
-        if progress:
-            progress(epoch, steps, steps)
-    return run.finish()
-
-
 class Run:
     """One run's state and its run directory: everything of a run but the training steps.
 
     The constructor makes the split, the data tensors, the seeded model and optimizer (or
     restores them from the last checkpoint) and writes config.toml and split.npz;
-    end_epoch evaluates, checkpoints and logs an epoch whose steps someone else took;
-    finish evaluates on the test set and writes result.json. train_run takes the steps one
-    run at a time; cnnlab.batched takes them for several seeds at once.
+    end_epoch evaluates, checkpoints and logs an epoch whose steps fit took (cnnlab.engine.loop);
+    finish evaluates on the test set and writes result.json.
     """
 
     def __init__(self, cfg: RunConfig, out: Path, ds, resume: bool, echo, command, checkpoint):
@@ -320,48 +275,58 @@ class Run:
         if device.type == "cpu":
             fastops.tune_allocator()  # no page faults per step; numerics untouched
         in_shape, num_classes = self.in_shape, self.num_classes = ds.input_shape, ds.num_classes
-        layer_table(cfg.model, in_shape, num_classes)  # shape check before any work
+        if isinstance(cfg.model, ModelSpec):
+            layer_table(cfg.model, in_shape, num_classes)  # shape check before any work
 
         train_idx, val_idx = make_split(len(ds.train_labels), cfg.data.val_size, tc.seed)
         if cfg.data.limit:
             train_idx = train_idx[: cfg.data.limit]  # the first N of the split; val and test stay whole
-        self.data = to_tensors(ds, train_idx, val_idx, device)
+        self.norm = normalization(ds, train_idx) if cfg.data.normalize else None
+        self.data = to_tensors(ds, train_idx, val_idx, device, self.norm)
 
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed % 2**32)
-        self.model = build_model(cfg.model, in_shape, num_classes).to(device)
+        self.model = build_model(cfg.model, in_shape, num_classes).to(device)  # a factory's: checked on zeros
+        # a factory's source file and its hash (cnnlab.factory): recorded, and a resume refuses a change
+        self.factory = None if isinstance(cfg.model, ModelSpec) else factory.record(cfg.model)
         self.rng_after_init = torch.get_rng_state()  # where the run's dropout stream starts
         self.opt = make_optimizer(self.model, cfg, device)
         self.order_gen = torch.Generator().manual_seed(tc.seed)  # batch order; CPU so it is device-independent
         self.rng_state = _global_rng_state  # what checkpoints store as the run's random stream(s)
 
-        self.batched = ""  # set by cnnlab.batched: which batch trained this run (kept by its checkpoints)
+        self.batched = ""  # set by cnnlab.engine.batched: which batch trained this run (kept by its checkpoints)
         self.rows: list[dict] = []
         self.best_val, self.best_epoch, self.start_epoch = -1.0, -1, 0
         self.last_ckpt = out / "checkpoints" / "last.safetensors"
         if resume and self.last_ckpt.exists():
             tensors, meta = checkpoint.load(self.last_ckpt)
             _check_compatible(meta, cfg, in_shape, num_classes, self.last_ckpt)
+            why = self.factory and factory.changed(cfg.model, meta.get("factory"))
+            if why:
+                raise ConfigError(f"--resume {out}: {why}; resuming would train another network. Restore that "
+                                  "file, or start a new run")
             _restore_state(tensors, meta, self.model, self.opt, self.order_gen)
             self.start_epoch, self.best_val, self.best_epoch = meta["epoch"] + 1, meta["best_val_acc"], meta["best_epoch"]
             self.rows = meta["rows"]  # the checkpoint, not metrics.csv, is the source of truth
             self.t0 -= meta.get("wall_seconds", 0.0)
             self.batched = meta.get("batched", "")
-            if self.batched:  # go on with the kernels and dropout layout it trained with (cnnlab.batched)
+            if self.batched:  # go on with the kernels and dropout layout it trained with (cnnlab.engine.batched)
                 self.model.fast = False
         elif resume:
             echo(f"(no checkpoint in {out}; starting from scratch)")
 
-        atomic_write_text(out / "config.toml", dump_config(cfg))
-        atomic_savez(out / "split.npz", train_idx=train_idx.astype(np.int64), val_idx=val_idx.astype(np.int64))
+        atomic_write_text(out / rundir.CONFIG, dump_config(cfg))
+        atomic_savez(out / rundir.SPLIT, train_idx=train_idx.astype(np.int64), val_idx=val_idx.astype(np.int64))
+        _describe_model(self.model, in_shape, num_classes, out)
         self._write_logs()
         self.base_result = {
             "seed": tc.seed, "eval_mode": tc.eval_mode, "epochs": tc.epochs, "device": device_name(device),
-            "versions": versions(), "kernels": kernels(device), "command": command or " ".join(sys.argv),
+            "versions": versions(), "kernels": kernels(device, self.model), "command": command or " ".join(sys.argv),
             "params": sum(p.numel() for p in self.model.parameters()),
+            **({"factory": self.factory} if self.factory else {}),
             "data": {"name": ds.name, "source": ds.source, "sha256": ds.sha256, "n_train": len(train_idx),
                      "n_val": len(val_idx), "n_test": len(ds.test_labels), "input_shape": list(in_shape),
-                     "num_classes": num_classes},
+                     "num_classes": num_classes, **({"normalize": self.norm} if self.norm else {})},
         }
         if self.batched:
             self.base_result["kernels"] = f"{self.batched}; from epoch {self.start_epoch} alone on torch's kernels"
@@ -396,7 +361,9 @@ class Run:
         meta = {"spec": self.cfg.model.to_dict(), "in_shape": list(self.in_shape), "num_classes": self.num_classes,
                 "epoch": epoch, "best_val_acc": self.best_val, "best_epoch": self.best_epoch,
                 "param_groups": self.opt.state_dict()["param_groups"], "wall_seconds": time.time() - self.t0,
-                "rows": self.rows, **({"batched": self.batched} if self.batched else {})}
+                "rows": self.rows, **({"batched": self.batched} if self.batched else {}),
+                **({"factory": self.factory} if self.factory else {}),
+                **({"normalize": self.norm} if self.norm else {})}
         tensors = _state_tensors(self.model, self.opt, self.order_gen, self.rng_state())
         if self.best_epoch == epoch:
             self.checkpoint.save(self.out / "checkpoints" / "best.safetensors",
@@ -438,6 +405,26 @@ class Run:
         atomic_write_json(self.out / "result.json", result)
         self.trackers.finish(result)
         return result
+
+
+def _describe_model(model, in_shape, num_classes: int, out: Path) -> None:
+    """summary.txt and graph.dot: the model's summary table and graph source, stored at
+    training time so that the report never has to import a factory's code. A module that
+    cannot be described costs these files a note, never the run."""
+    from cnnlab.report.graph import module_dot
+    from cnnlab.summary import summarize
+
+    try:
+        text = summarize(model, in_shape, num_classes)[0]
+    except CnnlabError as e:
+        text = f"(no summary: {e})"
+    try:
+        source, why = module_dot(model, in_shape)
+    except CnnlabError as e:
+        source, why = "", str(e)
+    note = f"// note: {why}\n" if why else ""
+    atomic_write_text(out / rundir.SUMMARY, text + "\n")
+    atomic_write_text(out / rundir.GRAPH, note + source)
 
 
 def _fail(out, base, t0, epoch, step, rows, message) -> dict:
