@@ -361,3 +361,23 @@ def test_run_that_no_node_can_hold_is_refused(cluster, study_file, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not list((tmp_path / "x").glob("runs/*/*/result.json"))
+
+
+def test_the_rgb_example_through_ray_matches_local(cluster, tmp_path, capsys):
+    """The README's own-model-and-data example (a factory's module, RGB npz data, normalisation)
+    through Ray: the same numbers as the local executor, and the report builds from them."""
+    from tests.test_rgb_example import example_study, make_shapes
+
+    shapes = make_shapes.write(tmp_path / "shapes", n_train=800, n_test=100, seed=2, folder=False)
+    study = example_study(tmp_path)
+    args = ["--data", f"npz:{shapes / 'shapes.npz'}", "--epochs", "1", "--seeds", "1", "--limit", "150"]
+    assert main(["study", str(study), "--out", str(tmp_path / "local"), "--workers", "2", "--no-report", *args]) == 0
+    rc = main(["study", str(study), "--out", str(tmp_path / "ray"), "--executor", "ray", "--address", cluster, *args])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for variant in ("resnet", "resnet-narrow", "lab2-3c3f-bn"):
+        local, ray = (json.loads((tmp_path / d / "runs" / variant / "seed-0" / "result.json").read_text())
+                      for d in ("local", "ray"))
+        for key in ("test_accuracy_eval", "test_accuracy_train", "test_loss", "factory"):
+            assert ray.get(key) == local.get(key), (variant, key)
+    assert "Model graph of resnet, traced from the module" in (tmp_path / "ray" / "report.html").read_text()
