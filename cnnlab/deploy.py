@@ -100,12 +100,14 @@ def plain_model(run_dir, which: str = "last", trust_code: bool = False):
     from cnnlab.inference import load_run_model
 
     loaded, cfg, meta = load_run_model(run_dir, which, trust_code=trust_code)
-    if not isinstance(loaded, model_module.Net):
-        return loaded, cfg, meta
-    plain = model_module.build_model(loaded.spec, loaded.in_shape, loaded.num_classes,
-                                     fast_dropout=False, fast=False)
-    plain.load_state_dict(loaded.state_dict())
-    return plain.eval(), cfg, meta
+    net = loaded.net if isinstance(loaded, model_module.Normalized) else loaded
+    if isinstance(net, model_module.Net):
+        plain = model_module.build_model(net.spec, net.in_shape, net.num_classes, fast_dropout=False, fast=False)
+        plain.load_state_dict(net.state_dict())
+        net = plain
+    if isinstance(loaded, model_module.Normalized):  # the exported model takes [0, 1] pixels too
+        net = model_module.Normalized(net, loaded.mean.flatten().tolist(), loaded.std.flatten().tolist())
+    return net.eval(), cfg, meta
 
 
 def _failed_op(e: BaseException) -> str:
@@ -578,6 +580,10 @@ def export_run(run_dir, out=None, int8: bool = False, calibration: int = CALIBRA
         raise ConfigError(f"--calibration must be a whole number >= 1, got {calibration!r}")
     _check_target(out)
     model, cfg, meta = plain_model(run, trust_code=trust_code)
+    if c_header and meta.get("normalize"):
+        raise ConfigError(f"{run}: --c-header: this run normalises its inputs ([data] normalize = true), which the "
+                          "header's integer pipeline does not include; export ONNX (without --c-header), or train "
+                          "without normalize for a microcontroller")
     in_shape, num_classes = tuple(meta["in_shape"]), meta["num_classes"]
     ds = load_dataset(cfg.data.name)
     if tuple(ds.input_shape) != in_shape or ds.num_classes != num_classes:

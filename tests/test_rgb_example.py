@@ -113,3 +113,24 @@ def test_a_gray_model_takes_colour_files_and_an_rgb_model_takes_gray_ones(shapes
     assert any("three equal channels" in n for n in notes) and any("resized 20x24 to 32x32" in n for n in notes)
     arr, notes = load_image(colour, (28, 28))
     assert arr.shape == (28, 28) and any("grayscale" in n for n in notes)
+
+
+def test_a_normalised_factory_run_exports_to_onnx_with_its_normalisation(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cnnlab.api import load_run
+    from cnnlab.deploy import export_run
+    from cnnlab.errors import ConfigError
+
+    data = make_shapes.write(tmp_path / "shapes", n_train=700, n_test=300, seed=3, folder=False)  # 256+ to check
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[data]\nname = "npz:{data / "shapes.npz"}"\nval_size = 500\nnormalize = true\n'
+                   f'[model]\nfactory = "{REPO}/examples/tiny_resnet.py:tiny_resnet"\nargs = {{ width = 4, blocks = 1 }}\n'
+                   "[train]\nepochs = 1\n")
+    run = tmp_path / "run"
+    assert cli("train", "--config", str(cfg), "--out", str(run)).returncode == 0
+    with pytest.raises(ConfigError, match="--trust-code"):
+        export_run(run)
+    info = export_run(run, trust_code=True)  # its own check: ONNX logits == torch's on the test images
+    assert info["test_accuracy_fp32"] == pytest.approx(load_run(run).test_accuracy_eval, abs=0.11)
+    with pytest.raises(ConfigError, match="normalises its inputs"):
+        export_run(run, out=tmp_path / "h", c_header=True, trust_code=True)
