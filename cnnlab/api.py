@@ -721,6 +721,10 @@ def study(file, *, out=None, seeds: int | None = None, epochs: int | None = None
     say(f"study {s.name}: {len(s.variants)} variants x {len(s.seeds)} seeds = {n_runs} runs{rounds} "
         f"-> {out} ({executor}" + (f", {workers} workers x {threads} thread(s))" if executor == "local" else ")"),
         flush=True)
+    if executor == "local" and workers * threads > cores:
+        say(f"warning: {workers} workers x {threads} thread(s) = {workers * threads} threads on {cores} cores: "
+            f"they will slow each other down; use --workers {max(1, cores // threads)} or --threads "
+            f"{max(1, cores // workers)}", flush=True)
     if batch_seeds > 1 and all(c.train.device == "cpu" for c in s.variants.values()):
         say(f"note: --batch-seeds {batch_seeds} on the CPU trains on torch's kernels, about 0.3x the speed of "
             "separate runs on cnnlab's native ones; it is meant for a GPU (docs/performance.md, GPU)", flush=True)

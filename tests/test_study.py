@@ -173,3 +173,19 @@ def test_a_worker_reuses_its_dataset_until_a_file_changes(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     again = _dataset(f"idx:{folder}")
     assert again is not first and np.array_equal(again.train_labels, labels)
+
+
+def test_workers_times_threads_beyond_the_cores_is_warned(tmp_path, idx_dir, capsys):
+    """Each worker thread wants a core: more threads than cores slow every run down."""
+    import os
+
+    from cnnlab.cli import main
+
+    cores = len(os.sched_getaffinity(0))
+    study = write_tiny_study(tmp_path / "tiny.toml", idx_dir)
+    args = ["study", str(study), "--seeds", "1", "--no-report", "--limit", "50"]
+    assert main([*args, "--out", str(tmp_path / "ok"), "--workers", "1", "--threads", str(cores)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "over"), "--workers", "2", "--threads", str(cores)]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: 2 workers x {cores} thread(s) = {2 * cores} threads on {cores} cores" in out
