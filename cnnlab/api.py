@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cnnlab.errors import CnnlabError, ConfigError, RunError, SpecError
+from cnnlab import rundir
 
 __all__ = ["train", "resume", "load_run", "study", "load_study", "summary", "Run", "Study", "Prediction",
            "ModelSummary", "MissingDependency"]
@@ -199,7 +200,7 @@ def train(preset: str | None = None, *, config=None, data: str | None = None, ep
     else:
         name = cfg.preset or "config"
     out = Path(out) if out else Path(f"runs/{name}-seed{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "result.json").exists() or (out / "checkpoints" / "last.safetensors").exists():
+    if (out / rundir.RESULT).exists() or (out / rundir.CHECKPOINTS / "last.safetensors").exists():
         raise RunError(f"{out} already holds a run; use another --out, or --resume {out} to continue it")
     if command is None:
         shown = config if isinstance(config, (str, os.PathLike, dict)) else None
@@ -228,7 +229,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool | None, command: str) ->
 def check_resumable(run_dir) -> Path:
     """The run directory `run_dir` as a Path, or the RunError `cnnlab train --resume` gives."""
     out = Path(run_dir)
-    if not (out / "config.toml").exists():
+    if not (out / rundir.CONFIG).exists():
         raise RunError(f"--resume {out}: not a run directory (no config.toml)")
     return out
 
@@ -243,8 +244,8 @@ def resume(run, *, progress: bool | None = None, command: str | None = None, tru
     from cnnlab.config import load_config
     from cnnlab.factory import require_trust
 
-    cfg = load_config(out / "config.toml")
-    require_trust(cfg.model, trust_code, out / "config.toml", "resuming")
+    cfg = load_config(out / rundir.CONFIG)
+    require_trust(cfg.model, trust_code, out / rundir.CONFIG, "resuming")
     return _train(cfg, out, resume=True, progress=progress, command=command or _call_text("resume", out))
 
 
@@ -252,7 +253,7 @@ def load_run(path) -> "Run":
     """The Run of an existing run directory (finished, failed or interrupted). Reads nothing
     but checks that it is one; nothing is executed, no pickle is ever loaded."""
     run = Path(path)
-    if not (run / "config.toml").is_file():
+    if not (run / rundir.CONFIG).is_file():
         raise RunError(f"{run}: not a run directory (no config.toml); pass the --out directory of `cnnlab train`")
     return Run(run)
 
@@ -415,7 +416,7 @@ class Run:
         """The resolved configuration (cnnlab.config.RunConfig) from config.toml."""
         from cnnlab.config import load_config
 
-        return load_config(self.path / "config.toml")
+        return load_config(self.path / rundir.CONFIG)
 
     @property
     def status(self) -> str:
@@ -423,11 +424,11 @@ class Run:
         try:
             res = self._result()
         except RunError:
-            return "unfinished" if not (self.path / "result.json").exists() else "failed"
+            return "unfinished" if not (self.path / rundir.RESULT).exists() else "failed"
         return "done" if res.get("status") == "done" else "failed"
 
     def _result(self) -> dict:
-        p = self.path / "result.json"
+        p = self.path / rundir.RESULT
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -491,7 +492,7 @@ class Run:
     def log(self) -> str:
         """train.log: the lab's per-epoch lines, then the test accuracy."""
         try:
-            return (self.path / "train.log").read_text(encoding="utf-8")
+            return (self.path / rundir.LOG).read_text(encoding="utf-8")
         except FileNotFoundError:
             return ""
 

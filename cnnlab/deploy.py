@@ -43,6 +43,7 @@ from pathlib import Path
 import cnnlab
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.fsutil import _umask
+from cnnlab import rundir
 
 EXTRA = "pip install -e '.[deploy]'"
 EXPORT_FORMAT = 1  # export.json's format version
@@ -590,8 +591,8 @@ def export_run(run_dir, out=None, int8: bool = False, calibration: int = CALIBRA
         raise RunError(f"{run}: the model expects {list(in_shape)} with {num_classes} classes but "
                        f"{cfg.data.name} has {list(ds.input_shape)} with {ds.num_classes}")
     result = {}
-    if (run / "result.json").is_file():
-        result = json.loads((run / "result.json").read_text(encoding="utf-8"))
+    if (run / rundir.RESULT).is_file():
+        result = json.loads((run / rundir.RESULT).read_text(encoding="utf-8"))
         trained_on = result.get("data", {}).get("sha256")
         if trained_on and trained_on != ds.sha256:
             raise RunError(f"{run}: {cfg.data.name} is not the data this run was trained on (its files' "
@@ -600,8 +601,8 @@ def export_run(run_dir, out=None, int8: bool = False, calibration: int = CALIBRA
         raise RunError(f"{run}: {cfg.data.name} has {len(ds.test_labels)} test images; the fp32 check needs "
                        f"at least {MIN_CHECK_IMAGES}")
     split = None
-    if (run / "split.npz").is_file():
-        with np.load(run / "split.npz") as z:
+    if (run / rundir.SPLIT).is_file():
+        with np.load(run / rundir.SPLIT) as z:
             split = {k: z[k] for k in ("train_idx", "val_idx")}
     elif int8:
         raise RunError(f"{run}: no split.npz; int8 calibration needs the run's training split")

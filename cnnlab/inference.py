@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.errors import CheckpointError, RunError
+from cnnlab import rundir
 
 
 def load_run_model(run_dir, which: str = "last", device: str = "cpu", trust_code: bool = False, note=None):
@@ -23,11 +24,11 @@ def load_run_model(run_dir, which: str = "last", device: str = "cpu", trust_code
     from cnnlab.spec import ModelSpec
 
     run = Path(run_dir)
-    if not (run / "config.toml").is_file():
+    if not (run / rundir.CONFIG).is_file():
         raise RunError(f"{run}: not a run directory (no config.toml); pass the --out directory of `cnnlab train`")
-    cfg = load_config(run / "config.toml")
-    factory.require_trust(cfg.model, trust_code, run / "config.toml")
-    path = run / "checkpoints" / f"{which}.safetensors"
+    cfg = load_config(run / rundir.CONFIG)
+    factory.require_trust(cfg.model, trust_code, run / rundir.CONFIG)
+    path = run / rundir.CHECKPOINTS / f"{which}.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint; has the run finished an epoch?")
     tensors, meta = checkpoint.load(path)

@@ -245,7 +245,7 @@ def run_directory(out: Path):
     A directory that cannot be made or written, or that another process trains, is a RunError."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
+        (out / rundir.CHECKPOINTS).mkdir(exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create run directory {out}: {e.strerror}; choose a writable --out") from None
     if not os.access(out, os.W_OK):
@@ -267,7 +267,7 @@ class Run:
         trackers.require(cfg.train.log)  # a missing tracker package is a ConfigError before anything is done
         self.cfg, self.out, self.echo, self.checkpoint = cfg, out, echo, checkpoint
         clean_temp_files(out)
-        clean_temp_files(out / "checkpoints")
+        clean_temp_files(out / rundir.CHECKPOINTS)
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -297,7 +297,7 @@ class Run:
         self.batched = ""  # set by cnnlab.engine.batched: which batch trained this run (kept by its checkpoints)
         self.rows: list[dict] = []
         self.best_val, self.best_epoch, self.start_epoch = -1.0, -1, 0
-        self.last_ckpt = out / "checkpoints" / "last.safetensors"
+        self.last_ckpt = out / rundir.CHECKPOINTS / "last.safetensors"
         if resume and self.last_ckpt.exists():
             tensors, meta = checkpoint.load(self.last_ckpt)
             _check_compatible(meta, cfg, in_shape, num_classes, self.last_ckpt)
@@ -330,13 +330,13 @@ class Run:
         }
         if self.batched:
             self.base_result["kernels"] = f"{self.batched}; from epoch {self.start_epoch} alone on torch's kernels"
-        if (out / "result.json").exists():
-            (out / "result.json").unlink()  # a stale result must never describe this run
+        if (out / rundir.RESULT).exists():
+            (out / rundir.RESULT).unlink()  # a stale result must never describe this run
         self.trackers = trackers.Trackers(cfg, out, self.start_epoch, echo)  # [train] log (cnnlab.trackers)
 
     def _write_logs(self, tail: str = "") -> None:
-        atomic_write_text(self.out / "metrics.csv", metrics_csv(self.rows))
-        atomic_write_text(self.out / "train.log", "".join(format_epoch(r) + "\n" for r in self.rows) + tail)
+        atomic_write_text(self.out / rundir.METRICS, metrics_csv(self.rows))
+        atomic_write_text(self.out / rundir.LOG, "".join(format_epoch(r) + "\n" for r in self.rows) + tail)
 
     def end_epoch(self, epoch: int, step_loss: torch.Tensor, pred: torch.Tensor, perm: torch.Tensor, te: float) -> None:
         """Close an epoch trained on perm's batch order: step_loss holds each step's mean loss,
@@ -366,7 +366,7 @@ class Run:
                 **({"normalize": self.norm} if self.norm else {})}
         tensors = _state_tensors(self.model, self.opt, self.order_gen, self.rng_state())
         if self.best_epoch == epoch:
-            self.checkpoint.save(self.out / "checkpoints" / "best.safetensors",
+            self.checkpoint.save(self.out / rundir.CHECKPOINTS / "best.safetensors",
                                  {k: v for k, v in tensors.items() if k.startswith("model.")}, meta)
         self.checkpoint.save(self.last_ckpt, tensors, meta)
         faults.maybe_die(faults.point(), "kill-after-checkpoint", epoch, 0)
@@ -384,7 +384,7 @@ class Run:
         train_eval = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "eval")[1]
         train_train = evaluate(model, data.x_train[sub], data.y_train[sub], bs, "train", tc.seed + 3)[1]
         head = res[tc.eval_mode]
-        atomic_savez(self.out / "predictions.npz", labels=data.y_test.cpu().numpy(), pred_eval=res["eval"][2],
+        atomic_savez(self.out / rundir.PREDICTIONS, labels=data.y_test.cpu().numpy(), pred_eval=res["eval"][2],
                      pred_train=res["train"][2], probs_eval=res["eval"][3].astype(np.float32))
         ex = min(EXAMPLE_INDEX, len(data.y_test) - 1)
         probs = head[3][ex]
@@ -402,7 +402,7 @@ class Run:
         line = f"test accuracy: {head[1]:.4f}"
         self.echo(line)
         self._write_logs(line + "\n")
-        atomic_write_json(self.out / "result.json", result)
+        atomic_write_json(self.out / rundir.RESULT, result)
         self.trackers.finish(result)
         return result
 
@@ -430,7 +430,7 @@ def _describe_model(model, in_shape, num_classes: int, out: Path) -> None:
 def _fail(out, base, t0, epoch, step, rows, message) -> dict:
     result = {**base, "status": "failed", "error": {"message": message, "epoch": epoch, "step": step},
               "wall_seconds": time.time() - t0}
-    atomic_write_json(out / "result.json", result)
+    atomic_write_json(out / rundir.RESULT, result)
     raise RunError(f"run {out} failed: {message}")
 
 

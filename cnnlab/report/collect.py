@@ -194,7 +194,7 @@ def load_run(path: Path, variant: str, seed: int) -> Run:
     run.summary = _read_text(path / rundir.SUMMARY)
     run.graph_dot = _read_text(path / rundir.GRAPH)
     run.metrics, run.metrics_note = metric_columns(path)
-    rj = path / "result.json"
+    rj = path / rundir.RESULT
     if not rj.is_file():
         run.reason = "no result.json: still running, or stopped before it finished"
         return run
@@ -250,7 +250,7 @@ def metric_columns(run_dir: Path) -> tuple[dict[str, list[float]] | None, str]:
 
 def load_predictions(run: Run) -> tuple[dict[str, np.ndarray] | None, str]:
     """predictions.npz of a run, or (None, why). Never pickles."""
-    p = run.path / "predictions.npz"
+    p = run.path / rundir.PREDICTIONS
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -15,6 +15,7 @@ from cnnlab.config import config_from_dict
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.rundir import read_result, run_dir
 from cnnlab.study.schema import Study
+from cnnlab import rundir
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def run_state(task: Task) -> str:
     res = read_result(d)
     if res is not None:
         return "done" if res.get("status") == "done" else "failed"
-    return "partial" if (d / "config.toml").exists() else "new"
+    return "partial" if (d / rundir.CONFIG).exists() else "new"
 
 
 def needs_work(task: Task) -> bool:
@@ -84,7 +85,7 @@ def check_existing(task: Task) -> None:
     def results_config(cfg: dict) -> dict:
         return {**cfg, "train": {k: v for k, v in cfg.get("train", {}).items() if k != "log"}}
 
-    p = Path(task.run_dir) / "config.toml"
+    p = Path(task.run_dir) / rundir.CONFIG
     if not p.exists():
         return
     try:
