@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import http.server
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,47 @@ fc = ["b", "a"]
 def write_tiny_study(path: Path, data, extra: str = "", tail: str = "") -> Path:
     path.write_text(TINY_STUDY.format(data=data, extra=extra) + tail)
     return path
+
+
+class LoopbackServer:
+    """http.server on 127.0.0.1 in a thread, serving `routes` (URL path -> body); any other path
+    is a 404. A path under /short/ declares a longer Content-Length than it sends, then closes
+    the connection (a truncated download). `requests` lists the paths asked for."""
+
+    def __init__(self, routes: dict[str, bytes]):
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                server.requests.append(self.path)
+                body = routes.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if self.path.startswith("/short/"):
+                    self.send_header("Content-Length", str(len(body) + 1000))
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def url(self, route: str) -> str:
+        return f"{self.base}/{route}/"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

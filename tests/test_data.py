@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import os
 import socket
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_idx_dir, write_idx
+from conftest import LoopbackServer, make_idx_dir, write_idx
 
 import cnnlab.data as data
 from cnnlab.data import FILES, cache_dir, dataset_status, fetch_dataset, load_dataset
@@ -54,66 +52,24 @@ def synth(tmp_path, monkeypatch):
             "gz": {f: (folder / (f + ".gz")).read_bytes() for f in FILES}}
 
 
-class _Server:
-    """http.server on 127.0.0.1 in a thread. Routes:
-    /good/NAME.gz    the synthetic file
-    /bad/NAME.gz     same, but train-labels has one byte changed (fails verification)
-    /short/NAME.gz   Content-Length larger than the body, then the connection closes
-    anything else    404
-    """
-
-    def __init__(self, gz: dict[str, bytes]):
-        self.requests: list[str] = []
-        routes = {}
-        for f, b in gz.items():
-            routes[f"/good/{f}.gz"] = b
-            routes[f"/short/{f}.gz"] = b
-            if f == "train-labels-idx1-ubyte":
-                raw = bytearray(gzip.decompress(b))
-                raw[-1] ^= 0x01
-                b = gzip.compress(bytes(raw), mtime=0)
-            routes[f"/bad/{f}.gz"] = b
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                server.requests.append(self.path)
-                body = routes.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/gzip")
-                if self.path.startswith("/short/"):
-                    self.send_header("Content-Length", str(len(body) + 1000))
-                    self.end_headers()
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def url(self, route: str) -> str:
-        return f"{self.base}/{route}/"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _routes(gz: dict[str, bytes]) -> dict[str, bytes]:
+    """/good/NAME.gz: the synthetic file; /bad/NAME.gz: the same, but train-labels has one byte
+    changed (fails verification); /short/NAME.gz: a truncated download (LoopbackServer)."""
+    routes = {}
+    for f, b in gz.items():
+        routes[f"/good/{f}.gz"] = b
+        routes[f"/short/{f}.gz"] = b
+        if f == "train-labels-idx1-ubyte":
+            raw = bytearray(gzip.decompress(b))
+            raw[-1] ^= 0x01
+            b = gzip.compress(bytes(raw), mtime=0)
+        routes[f"/bad/{f}.gz"] = b
+    return routes
 
 
 @pytest.fixture
 def server(synth):
-    s = _Server(synth["gz"])
+    s = LoopbackServer(_routes(synth["gz"]))
     yield s
     s.close()
 

@@ -5,18 +5,16 @@ the report's test images and the `data` command. Network: only 127.0.0.1."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import shutil
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_idx_dir
+from conftest import LoopbackServer, make_idx_dir
 
 import cnnlab.data as data
 from cnnlab import sources
@@ -365,47 +363,12 @@ def _cifar_tarball(per_batch=8, n_test=N_TEST, labels=None, members=None, sizes=
     return buf.getvalue(), made
 
 
-class _Server:
-    """http.server on 127.0.0.1: GET /<route>/cifar-10-binary.tar.gz serves routes[route]."""
-
-    def __init__(self, routes: dict[str, bytes]):
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                server.requests.append(self.path)
-                route, _, fname = self.path.strip("/").partition("/")
-                body = routes.get(route) if fname == "cifar-10-binary.tar.gz" else None
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def url(self, route: str) -> str:
-        return f"{self.base}/{route}/"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def cifar(monkeypatch):
     good, made = _cifar_tarball()
     bad = bytearray(good)
     bad[-1] ^= 1
-    server = _Server({"good": good, "bad": bytes(bad)})
+    server = LoopbackServer({"/good/cifar-10-binary.tar.gz": good, "/bad/cifar-10-binary.tar.gz": bytes(bad)})
     monkeypatch.setitem(data.PINNED_SHA256, "cifar10", {"cifar-10-binary.tar.gz": hashlib.sha256(good).hexdigest()})
     yield {"server": server, "good": good, "made": made}
     server.close()
