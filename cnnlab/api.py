@@ -59,7 +59,7 @@ def _in_notebook() -> bool:
 
 
 def _console(epochs: int, progress: bool | None):
-    """(echo, progress callback, close) for train.train_run.
+    """(echo, progress callback, close) for cnnlab.engine.train_run.
 
     progress=None: the lab's per-epoch lines, and a tqdm.auto bar per epoch when stderr is a
     terminal or this is a notebook (what `cnnlab train` shows); True: always the bars too;
@@ -176,7 +176,7 @@ def train(preset: str | None = None, *, config=None, data: str | None = None, ep
     The model: `preset` (lab2-3c3f-bn, lab2-3c3f, lab2-2c3f, lab2-2c2f) or `config`: a TOML
     run configuration or bare model spec file, a dict with the same tables ({"model": {...},
     "train": {...}}), or a cnnlab.config.RunConfig. Keyword overrides replace the config's
-    values: data (mnist | fashion-mnist | idx:DIR), epochs, batch_size, lr, seed, limit,
+    values: data (mnist | fashion-mnist | cifar10 | idx:DIR | npz:FILE | folder:DIR), epochs, batch_size, lr, seed, limit,
     val_size, eval_mode ("eval" | "train"), device, threads, and log: experiment trackers
     (["tensorboard", "mlflow"], or "tensorboard,mlflow" as the CLI's --log; docs/trackers.md).
     `out`: the run directory (default runs/<model>-seed<N>-<time>); one that holds a run is
@@ -532,6 +532,8 @@ class Run:
     def _label(self) -> str:
         try:
             cfg = self.config
+            if hasattr(cfg.model, "factory"):  # any nn.Module (cnnlab.factory): its function and args
+                return cfg.model.label
             return cfg.preset or f"{len(cfg.model.conv)} conv + {len(cfg.model.fc)} fc"
         except CnnlabError:
             return "?"
@@ -965,6 +967,9 @@ def summary(model=None, *, config=None, input_shape=None, num_classes: int | Non
             return summary(model, input_shape=_shape(input_shape, (1, 28, 28)), num_classes=classes)
     if model is not None:
         from cnnlab.spec import ModelSpec, preset
+
+        if type(model).__name__ == "Normalized" and hasattr(model, "net"):  # a normalised run's model: its network
+            model = model.net
 
         if isinstance(model, str):
             spec = preset(model)

@@ -187,7 +187,6 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnlab"
 
 
-PREFIXES = ("idx:", "npz:", "folder:")
 
 
 def _valid_names() -> str:

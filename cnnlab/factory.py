@@ -155,16 +155,22 @@ def require_trust(spec, trust_code: bool, where, what: str = "loading it") -> No
 
 # ---------------------------------------------------------------------------- building
 
+_imported: dict[str, str] = {}  # dotted module -> SHA-256 of the source it was imported from
+
+
 def load(spec: FactorySpec):
-    """Import the factory's module and return the function. Runs the user's code."""
+    """Import the factory's module and return the function. Runs the user's code. A source
+    file that changed since this process imported it is imported again, so that the code that
+    runs is the code whose hash the run records (a notebook, a reused Ray worker)."""
     where, _, fn = spec.factory.rpartition(":")
     try:
         if spec.is_file:
             path = Path(where).resolve()
             if not path.is_file():
                 raise ConfigError(f"model.factory {spec.factory!r}: no such file {where}")
-            name = "cnnlab_factory_" + hashlib.sha256(str(path).encode()).hexdigest()[:12] + "_" + \
-                re.sub(r"\W", "_", path.stem)
+            # the name holds the path's and the content's hash: a changed file is a new module
+            stem = re.sub(r"\W", "_", path.stem)
+            name = f"cnnlab_factory_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}_{source(spec)[1][:12]}_{stem}"
             module = sys.modules.get(name)
             if module is None:
                 mspec = importlib.util.spec_from_file_location(name, path)
@@ -178,7 +184,11 @@ def load(spec: FactorySpec):
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
+            sha = source(spec)[1]
             module = importlib.import_module(where)
+            if where in _imported and _imported[where] != sha:
+                module = importlib.reload(module)
+            _imported[where] = sha
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's module failed to import: say which and why

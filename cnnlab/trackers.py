@@ -44,7 +44,7 @@ def require(names) -> None:
 
 
 class Trackers:
-    """A run's trackers, as train.Run calls them: epoch(row) after each epoch, finish(result)
+    """A run's trackers, as engine.run.Run calls them: epoch(row) after each epoch, finish(result)
     at the end (None: the run failed). Every call is guarded: a tracker that raises prints one
     warning line through `echo` and is dropped for the rest of the run."""
 

@@ -250,3 +250,31 @@ def test_a_dotted_factory_is_imported_from_the_current_directory(tmp_path, idx_d
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["factory"]["file"] == str((pkg / "nets.py").resolve())
+
+
+def test_a_changed_factory_is_imported_again_in_a_long_lived_process(tmp_path, monkeypatch):
+    """A notebook or a reused Ray worker imports the factory's current code, whose hash the run records."""
+    from cnnlab import factory
+
+    path = tmp_path / "net.py"
+    path.write_text("def make(in_shape, num_classes):\n    return 1\n")
+    spec = factory.FactorySpec(f"{path}:make")
+    assert factory.load(spec)((1, 2, 2), 3) == 1
+    path.write_text("def make(in_shape, num_classes):\n    return 2\n")
+    assert factory.load(spec)((1, 2, 2), 3) == 2
+    pkg = tmp_path / "pkgx"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("def make(in_shape, num_classes):\n    return 3\n")
+    monkeypatch.chdir(tmp_path)
+    dotted = factory.FactorySpec("pkgx.nets:make")
+    assert factory.load(dotted)((1, 2, 2), 3) == 3
+    (pkg / "nets.py").write_text("def make(in_shape, num_classes):\n    return 4  # changed\n")
+    assert factory.load(dotted)((1, 2, 2), 3) == 4
+
+
+def test_a_factory_run_shows_itself_in_python(factory_run):
+    from cnnlab.api import load_run
+
+    run = load_run(factory_run[3])
+    assert "tiny_resnet(blocks=1, width=4)" in repr(run) and "tiny_resnet" in run._repr_html_()

@@ -13,7 +13,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="NAME", help="mnist | fashion-mnist | idx:DIR (default: mnist, or the config's)")
+    p.add_argument("--data", metavar="NAME", help="mnist | fashion-mnist | cifar10 | idx:DIR | npz:FILE | folder:DIR (default: mnist, or the config's)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs (default: 10)")
     p.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: 50)")
     p.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (default: 0.001)")

@@ -14,7 +14,7 @@ BatchNorm statistics and Adam state. Nothing is reduced across models:
 
 So each model computes its separate run's numbers, up to the order of float operations
 inside the kernels (tests/test_batched.py: losses, accuracies and weights against separate
-runs on the same kernels). The K run directories are written by train.Run, exactly as K
+runs on the same kernels). The K run directories are written by engine.run.Run, exactly as K
 separate runs write them; a run whose loss becomes NaN fails alone, the others go on.
 
 This is the GPU path. On the CPU, separate runs on cnnlab's native kernels are faster (and
@@ -264,7 +264,7 @@ def _train(runs: list[Run], progresses) -> list[dict | RunError]:
 
 
 class StackedSteps:
-    """The step function for K seeds of one variant (train.fit): one StackedNet, one Adam
+    """The step function for K seeds of one variant (engine.loop.fit): one StackedNet, one Adam
     over the stacked parameters, one batch per take from each run's own order; after an
     epoch each model's slice goes back into its run's model and optimizer (sync)."""
 

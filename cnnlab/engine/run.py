@@ -80,7 +80,11 @@ def kernels(dev: torch.device, model=None) -> str:
 
     if model is not None and not isinstance(model, Net):
         return f"torch ({dev.type}), autograd"
-    return native.describe() if dev.type == "cpu" else f"torch ({dev.type})"
+    if dev.type != "cpu":
+        return f"torch ({dev.type})"
+    if model is not None and not model._can_plan:
+        return "torch (cpu): the network has a layer the native kernels do not cover"
+    return native.describe()
 
 
 # ---------------------------------------------------------------------------- data

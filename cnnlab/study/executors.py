@@ -10,7 +10,7 @@
 - RayExecutor (cnnlab.study.ray): one Ray task per run (or per batch of seeds), same
   outcome format.
 
-Both execute study.execute_tasks, which writes the run directories itself; nothing but a
+Both execute study.worker.execute_tasks, which writes the run directories itself; nothing but a
 small outcome dict travels back.
 """
 
