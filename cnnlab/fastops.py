@@ -454,12 +454,19 @@ class TrainStep:
     tensors each step.
 
     With backward=False the plan only runs the forward pass (forward(); kernels.c's
-    cl_forward), for evaluation without autograd, and holds no gradient buffers."""
+    cl_forward), for evaluation without autograd, and holds no gradient buffers.
+
+    threads: the C step's threads (each pass shared out between them, kernels.c); default
+    native.threads() when the plan is built: torch.get_num_threads(), unless
+    native.set_threads() said otherwise, and 1 without OpenMP. A thread count gives the same
+    numbers every time; other counts round differently only where BLAS rounds a part of a
+    matrix product differently from the whole (docs/performance.md, issue 18)."""
 
     def __init__(self, blocks: list[BlockParts], head: torch.nn.Linear, in_shape, batch: int, lib, sgemm: int,
-                 backward: bool = True):
+                 backward: bool = True, threads: int | None = None):
         self.blocks, self.head, self.batch, self.lib, self.sgemm = blocks, head, batch, lib, sgemm
         self.backward = backward
+        self.threads = max(1, threads) if threads else native.threads()
         B = batch
         bw = self._buf if backward else (lambda n, dtype=None: None)  # what only backward needs
         C, H, W = in_shape
@@ -531,9 +538,10 @@ class TrainStep:
 
     @staticmethod
     def key_of(blocks: list[BlockParts], batch: int, backward: bool = True) -> tuple:
-        """What the plan bakes in besides shapes: forward only or not, the batch size, batch
-        norm's mode and constants, dropout's mode and threshold."""
-        key = [backward, batch]
+        """What the plan bakes in besides shapes: forward only or not, the batch size, the
+        threads (native.threads(), now), batch norm's mode and constants, dropout's mode and
+        threshold."""
+        key = [backward, batch, native.threads()]
         for parts in blocks:
             bn, drop = parts.bn, parts.drop
             key.append((bn.training, bn.momentum, bn.eps) if bn is not None else None)
@@ -582,7 +590,7 @@ class TrainStep:
         logits = torch.empty(self.batch, self.K)
         rc = self.lib.cl_forward(len(self.blocks), self.cblocks, (ctypes.c_void_p * len(ptrs))(*ptrs), seeds,
                                  x.data_ptr(), self.batch, self.K, self.F, self.xcm.data_ptr(), _ptr(self.hfeats),
-                                 self.tmp.data_ptr(), logits.data_ptr(), self.sgemm)
+                                 self.tmp.data_ptr(), logits.data_ptr(), self.sgemm, self.threads)
         if rc:
             raise MemoryError("out of memory in the native forward pass")
         return logits
@@ -612,7 +620,7 @@ class TrainStep:
         rc = self.lib.cl_train_step(len(self.blocks), self.cblocks, (ctypes.c_void_p * len(ptrs))(*ptrs), seeds,
                                     x.data_ptr(), y.data_ptr(), self.batch, self.K, self.F, self.xcm.data_ptr(),
                                     _ptr(self.hfeats), _ptr(self.hgrad), self.probs.data_ptr(),
-                                    self.tmp.data_ptr(), logits.data_ptr(), loss.data_ptr(), self.sgemm)
+                                    self.tmp.data_ptr(), logits.data_ptr(), loss.data_ptr(), self.sgemm, self.threads)
         if rc == -1:
             raise MemoryError("out of memory in the native training step")
         if rc:
@@ -669,7 +677,8 @@ class TrainStep:
                                      len(x_all), math.prod(x_all.shape[1:]), idx.data_ptr(), B, self.K, self.F,
                                      xb.data_ptr(), yb.data_ptr(), self.xcm.data_ptr(), _ptr(self.hfeats),
                                      _ptr(self.hgrad), self.probs.data_ptr(), self.tmp.data_ptr(), logits.data_ptr(),
-                                     losses.data_ptr(), preds.data_ptr(), ctypes.byref(args), self.sgemm)
+                                     losses.data_ptr(), preds.data_ptr(), ctypes.byref(args), self.sgemm,
+                                     self.threads)
         for p, g in zip(params, grads):
             p.grad = g
         if rc == -1:

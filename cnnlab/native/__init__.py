@@ -9,6 +9,17 @@ and renames it into place), and a damaged library in the cache is built again.
 Without a C compiler, or with CNNLAB_NATIVE=0, `library()` returns None and cnnlab runs the
 same network with torch's kernels (cnnlab.fastops): the same math, slower, and rounded in a
 different order. `describe()` says which, and every run records it in result.json.
+
+Threads: the library is built with OpenMP (-fopenmp) where the compiler can, and then the
+C training step (fastops.TrainStep) shares each of its passes out between `threads()`
+threads: torch.get_num_threads() when the plan is built, unless set_threads() says
+otherwise. torch is imported before the library is loaded, so the kernels use torch's own
+OpenMP runtime (its libgomp.so.1), and BLAS runs one thread inside each worker
+(mkl_set_num_threads_local, when torch's BLAS has it). Where -fopenmp fails, or with
+CNNLAB_NATIVE_OPENMP=0 (a separate library in the cache), the library is built without it
+and the step runs one thread; describe() says so. A thread count gives the same numbers run
+after run; N threads against one: docs/performance.md (issue 18) and
+tests/test_native_threads.py.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-std=c99", "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+OPENMP_FLAG = "-fopenmp"
 BUILD_TIMEOUT = 120  # seconds
 
 _P, _I, _D, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_float
@@ -34,10 +46,12 @@ SIGNATURES = {  # name: argument types (restype None), or (argument types, resty
     "cl_block_forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _D, _D, _P, _P, _I, _I, _F, _I, _P, _P, _P],
     "cl_block_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _I, _F, _I, _P, _P, _P, _P, _P],
     "cl_sgemm_check": ([_P], _I),
-    "cl_train_step": ([_I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P], _I),
-    "cl_forward": ([_I, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P], _I),
-    "cl_train_steps": ([_I, _P, _P, _P, _I, _I, _P, _P, ctypes.c_long, ctypes.c_long, _P, _I, _I, _I] + [_P] * 12,
-                       _I),
+    "cl_train_step": ([_I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I], _I),
+    "cl_forward": ([_I, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _I], _I),
+    "cl_train_steps": ([_I, _P, _P, _P, _I, _I, _P, _P, ctypes.c_long, ctypes.c_long, _P, _I, _I, _I] + [_P] * 12
+                       + [_I], _I),
+    "cl_openmp": ([], _I),
+    "cl_set_blas_threads": [_P],
     "cl_adam": [_I, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I],
     "cl_layout": ([_I, _P, _I], _I),
 }
@@ -70,6 +84,8 @@ STRUCTS = {0: ("cl_block", CBlock, BLOCK_FIELDS), 1: ("cl_adam_args", AdamArgs, 
 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None
+_openmp_status: str | None = None  # why the library has no OpenMP, or None when it has
+_threads: int | None = None  # set_threads(): None follows torch.get_num_threads()
 
 
 def build_dir() -> Path:
@@ -98,11 +114,17 @@ def _cpu_id() -> str:
     return "".join(ident)
 
 
-def _build(cc: str, force: bool = False) -> Path:
+def _flags(openmp: bool) -> list[str]:
+    return FLAGS + [OPENMP_FLAG] if openmp else list(FLAGS)
+
+
+def _build(cc: str, force: bool = False, openmp: bool = False) -> Path:
     """The library's path, compiling it unless it is cached (or force). A new build replaces
-    the file atomically: a process that has the old one loaded keeps its (unlinked) copy."""
+    the file atomically: a process that has the old one loaded keeps its (unlinked) copy.
+    With and without OpenMP the flags differ, and so do the cached files."""
+    flags = _flags(openmp)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_id()]).encode())
     out = build_dir() / f"libcnnlab-{key.hexdigest()[:16]}.so"
     if out.exists() and not force:
         return out
@@ -110,7 +132,7 @@ def _build(cc: str, force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                            timeout=BUILD_TIMEOUT)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
@@ -123,7 +145,7 @@ def _build(cc: str, force: bool = False) -> Path:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, building them if needed; None when they cannot be had (see describe())."""
-    global _lib, _status
+    global _lib, _status, _openmp_status
     if _status is not None:
         return _lib
     if os.environ.get("CNNLAB_NATIVE", "1") == "0":
@@ -133,20 +155,88 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         _status = "torch (native kernels unavailable: no C compiler; install gcc or set CC)"
         return None
+    import torch  # noqa: F401  (first: its OpenMP runtime, libgomp.so.1, is then the one the kernels use)
+
     try:
-        try:
-            lib = ctypes.CDLL(str(_build(cc)))
-        except OSError:  # a damaged library in the cache: build it again, once
-            lib = ctypes.CDLL(str(_build(cc, force=True)))
+        lib = None
+        if os.environ.get("CNNLAB_NATIVE_OPENMP", "1") == "0":
+            _openmp_status = "CNNLAB_NATIVE_OPENMP=0"
+        else:
+            try:
+                lib = _load(cc, openmp=True)
+                _openmp_status = None
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # no OpenMP here: build without
+                _openmp_status = f"{OPENMP_FLAG} failed: {str(e).strip().splitlines()[-1][-200:] if str(e).strip() else e!r}"
+        if lib is None:
+            lib = _load(cc, openmp=False)
         for name, sig in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
         check_layouts(lib)
+        lib.cl_set_blas_threads(_blas_threads_local())
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"torch (native kernels unavailable: {e})"
         return None
     _lib, _status = lib, f"native ({Path(cc).name} {' '.join(FLAGS[1:3])})"
     return _lib
+
+
+def _blas_threads_local() -> int | None:
+    """The address of MKL's C MKL_Set_Num_Threads_Local in torch's library (the threads BLAS
+    uses in the calling thread; an int by value: there the lower-case name is the Fortran
+    interface, which takes a pointer), or None (another BLAS)."""
+    import torch
+
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            fn = getattr(ctypes.CDLL(str(path)), "MKL_Set_Num_Threads_Local", None)
+        except OSError:
+            continue
+        if fn is not None:
+            return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def _load(cc: str, openmp: bool) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(_build(cc, openmp=openmp)))
+    except OSError:  # a damaged library in the cache: build it again, once
+        return ctypes.CDLL(str(_build(cc, force=True, openmp=openmp)))
+
+
+def openmp() -> bool:
+    """Whether the loaded kernels were built with OpenMP (so the C step can run threads)."""
+    lib = library()
+    return lib is not None and bool(lib.cl_openmp())
+
+
+def set_threads(n: int | None) -> None:
+    """The threads of the C training step for plans built from now on: n > 0 threads; 0 all
+    the cores this process may run on; None (the default) torch.get_num_threads() at the
+    time the plan is built (so torch.set_num_threads(1), as a study's workers do, gives one)."""
+    global _threads
+    if n is not None and n < 0:
+        raise ValueError(f"threads must be >= 0 or None, got {n}")
+    _threads = None if n is None else (n or _cores())
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads() -> int:
+    """The threads a C step plan built now uses: set_threads()'s, or torch's thread count;
+    1 when the kernels have no OpenMP (or are not there)."""
+    if not openmp():
+        return 1
+    if _threads is not None:
+        return _threads
+    import torch
+
+    return max(1, torch.get_num_threads())
 
 
 def check_layouts(lib) -> None:
@@ -204,10 +294,17 @@ def sgemm() -> int | None:
 
 
 def describe() -> str:
-    """Which kernels CPU training uses: 'native (compiler and flags; how the step runs)' or
-    'torch (why not native)'. The step runs as one C call with torch's BLAS sgemm_, or, without
-    one, as separate calls from Python; the two round differently."""
+    """Which kernels CPU training uses: 'native (compiler and flags; how the step runs; its
+    threads)' or 'torch (why not native)'. The step runs as one C call with torch's BLAS
+    sgemm_, or, without one, as separate calls from Python; the two round differently. The
+    threads are those of a plan built now (threads()): say after torch.set_num_threads."""
     if library() is None:
         return _status or "torch"
-    how = "step in C with " + (_sgemm_status or "") if sgemm() is not None else "step from Python: " + (_sgemm_status or "")
-    return f"{_status[:-1]}; {how})"
+    if sgemm() is None:
+        return f"{_status[:-1]}; step from Python: {_sgemm_status or ''})"
+    n = threads()
+    if _openmp_status is not None:
+        par = f"1 thread (built without OpenMP: {_openmp_status})"
+    else:
+        par = f"{n} thread{'s' if n != 1 else ''} (OpenMP)"
+    return f"{_status[:-1]}; step in C with {_sgemm_status}; {par})"

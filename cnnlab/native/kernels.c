@@ -33,6 +33,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define NO_GRAD 255
 
@@ -137,17 +140,19 @@ static void valid_cols(int Wo, int W, int s, int p, int kw, int *j0, int *j1)
     *j1 = b;
 }
 
-/* x: [C][B][H][W] -> cols: [C*k*k][B*Ho*Wo] (the rows F.unfold gives, per image side by side) */
-void cl_im2col(const float *x, float *cols, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
+/* x: [C][B][H][W] -> cols: [C*k*k][B*Ho*Wo] (the rows F.unfold gives, per image side by side),
+ * for the images [b0, b1) */
+static void im2col_range(const float *x, float *cols, int C, int B, int H, int W, int k, int s, int p, int Ho,
+                         int Wo, int b0, int b1)
 {
     const long N = (long)B * Ho * Wo;
     for (int c = 0; c < C; c++)
         for (int kh = 0; kh < k; kh++)
             for (int kw = 0; kw < k; kw++) {
-                float *dst = cols + ((long)(c * k + kh) * k + kw) * N;
+                float *dst = cols + ((long)(c * k + kh) * k + kw) * N + (long)b0 * Ho * Wo;
                 int j0, j1;
                 valid_cols(Wo, W, s, p, kw, &j0, &j1);
-                for (int b = 0; b < B; b++) {
+                for (int b = b0; b < b1; b++) {
                     const float *img = x + ((long)c * B + b) * H * W;
                     for (int i = 0; i < Ho; i++, dst += Wo) {
                         int ih = i * s - p + kh;
@@ -172,19 +177,27 @@ void cl_im2col(const float *x, float *cols, int C, int B, int H, int W, int k, i
             }
 }
 
+void cl_im2col(const float *x, float *cols, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
+{
+    im2col_range(x, cols, C, B, H, W, k, s, p, Ho, Wo, 0, B);
+}
+
 /* The adjoint of cl_im2col: dx[C][B][H][W] = sum of the columns' entries over every place
- * each input element was copied to. dx is overwritten. */
-void cl_col2im(const float *cols, float *dx, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
+ * each input element was copied to, for the images [b0, b1) (each image's sums are added in
+ * the same order whatever the range). Their part of dx is overwritten. */
+static void col2im_range(const float *cols, float *dx, int C, int B, int H, int W, int k, int s, int p, int Ho,
+                         int Wo, int b0, int b1)
 {
     const long N = (long)B * Ho * Wo;
-    memset(dx, 0, sizeof(float) * (long)C * B * H * W);
+    for (int c = 0; c < C; c++)
+        memset(dx + ((long)c * B + b0) * H * W, 0, sizeof(float) * (long)(b1 - b0) * H * W);
     for (int c = 0; c < C; c++)
         for (int kh = 0; kh < k; kh++)
             for (int kw = 0; kw < k; kw++) {
-                const float *src = cols + ((long)(c * k + kh) * k + kw) * N;
+                const float *src = cols + ((long)(c * k + kh) * k + kw) * N + (long)b0 * Ho * Wo;
                 int j0, j1;
                 valid_cols(Wo, W, s, p, kw, &j0, &j1);
-                for (int b = 0; b < B; b++) {
+                for (int b = b0; b < b1; b++) {
                     float *img = dx + ((long)c * B + b) * H * W;
                     for (int i = 0; i < Ho; i++, src += Wo) {
                         int ih = i * s - p + kh;
@@ -200,6 +213,11 @@ void cl_col2im(const float *cols, float *dx, int C, int B, int H, int W, int k, 
                     }
                 }
             }
+}
+
+void cl_col2im(const float *cols, float *dx, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
+{
+    col2im_range(cols, dx, C, B, H, W, k, s, p, Ho, Wo, 0, B);
 }
 
 /* Sums over a channel: float lanes (they vectorise, and several independent ones hide the
@@ -405,15 +423,32 @@ static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8
  *          torch). Backward needs it. So pool * pool must be below NO_GRAD (the caller checks).
  * tmp      scratch of 2*Ho*Wo floats.
  */
+static void block_forward_ch(float *z, int O, int B, int Ho, int Wo, const float *bias, const float *gamma,
+                             const float *beta, float *run_mean, float *run_var, int batch_stats, double momentum,
+                             double eps, float *invstd_out, const uint8_t *mask, int mask_bits, int threshold,
+                             float scale, int pool, float *out, uint8_t *arg, float *tmp, int o0, int o1);
+
 void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias, const float *gamma,
                       const float *beta, float *run_mean, float *run_var, int batch_stats, double momentum,
                       double eps, float *invstd_out, const uint8_t *mask, int mask_bits,
                       int threshold, float scale, int pool, float *out, uint8_t *arg, float *tmp)
 {
+    block_forward_ch(z, O, B, Ho, Wo, bias, gamma, beta, run_mean, run_var, batch_stats, momentum, eps, invstd_out,
+                     mask, mask_bits, threshold, scale, pool, out, arg, tmp, 0, O);
+}
+
+/* cl_block_forward for the channels [o0, o1): each channel's numbers are computed alone, in the
+ * same order whatever the range (so splitting the channels between threads changes no bit) */
+static void block_forward_ch(float *z, int O, int B, int Ho, int Wo, const float *bias, const float *gamma,
+                             const float *beta, float *run_mean, float *run_var, int batch_stats, double momentum,
+                             double eps, float *invstd_out, const uint8_t *mask, int mask_bits, int threshold,
+                             float scale, int pool, float *out, uint8_t *arg, float *tmp, int o0, int o1)
+{
+    (void)O;
     const int HW = Ho * Wo;
     const long N = (long)B * HW;
     const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
-    for (int o = 0; o < O; o++) {
+    for (int o = o0; o < o1; o++) {
         float *zc = z + o * N;
         float g = 1.0f, bt = 0.0f, mf = 0.0f, isf = 1.0f; /* normalisation (with batch norm) and affine */
         const float bo = bias ? bias[o] : 0.0f;
@@ -504,14 +539,29 @@ void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias,
  *          statistics (training); backward through running statistics is torch's business.
  * dgamma, dbeta, dbias: [O] or NULL, written.
  */
+static void block_backward_ch(const float *gout, const uint8_t *arg, const float *zhat, float *gz, int B, int Ho,
+                              int Wo, const uint8_t *mask, int mask_bits, int threshold, float scale, int pool,
+                              const float *gamma, const float *invstd, float *dgamma, float *dbeta, float *dbias,
+                              int o0, int o1);
+
 void cl_block_backward(const float *gout, const uint8_t *arg, const float *zhat, float *gz, int O, int B, int Ho,
                        int Wo, const uint8_t *mask, int mask_bits, int threshold, float scale, int pool,
                        const float *gamma, const float *invstd, float *dgamma, float *dbeta, float *dbias)
 {
+    block_backward_ch(gout, arg, zhat, gz, B, Ho, Wo, mask, mask_bits, threshold, scale, pool, gamma, invstd, dgamma,
+                      dbeta, dbias, 0, O);
+}
+
+/* cl_block_backward for the channels [o0, o1) (each channel alone, as block_forward_ch) */
+static void block_backward_ch(const float *gout, const uint8_t *arg, const float *zhat, float *gz, int B, int Ho,
+                              int Wo, const uint8_t *mask, int mask_bits, int threshold, float scale, int pool,
+                              const float *gamma, const float *invstd, float *dgamma, float *dbeta, float *dbias,
+                              int o0, int o1)
+{
     const int HW = Ho * Wo;
     const long N = (long)B * HW;
     const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
-    for (int o = 0; o < O; o++) {
+    for (int o = o0; o < o1; o++) {
         float *gc = gz + o * N;
         if (!pool) {
             const float *go = gout + (long)o * N;
@@ -580,11 +630,11 @@ static void pad_plane(const float *x, float *xp, int H, int W, int p, int xs)
 
 static inline __attribute__((always_inline)) void conv1_forward_k(const float *x, const float *w, float *z, int B,
                                                                    int H, int W, const int k, int p, int Ho, int Wo,
-                                                                   int O, float *xp)
+                                                                   int O, float *xp, int b0, int b1)
 {
     const int xs = padded_cols(Wo, k), T = k * k;
     v8f src[MAX_TAPS];
-    for (int b = 0; b < B; b++) {
+    for (int b = b0; b < b1; b++) {
         pad_plane(x + (long)b * H * W, xp, H, W, p, xs);
         for (int i = 0; i < Ho; i++)
             for (int j = 0; j < Wo; j += 8) {
@@ -606,29 +656,31 @@ static inline __attribute__((always_inline)) void conv1_forward_k(const float *x
     }
 }
 
-/* (k = 3 compiled on its own, with the taps unrolled) */
+/* (k = 3 compiled on its own, with the taps unrolled); the images [b0, b1) */
 static void conv1_forward(const float *x, const float *w, float *z, int B, int H, int W, int k, int p, int Ho,
-                          int Wo, int O, float *xp)
+                          int Wo, int O, float *xp, int b0, int b1)
 {
     if (k == 3)
-        conv1_forward_k(x, w, z, B, H, W, 3, p, Ho, Wo, O, xp);
+        conv1_forward_k(x, w, z, B, H, W, 3, p, Ho, Wo, O, xp, b0, b1);
     else
-        conv1_forward_k(x, w, z, B, H, W, k, p, Ho, Wo, O, xp);
+        conv1_forward_k(x, w, z, B, H, W, k, p, Ho, Wo, O, xp, b0, b1);
 }
 
 /* its weight gradient: dw[o][t] = sum over b, i, j of gz[o][b][i][j] * xp_b[i + di][j + dj],
- * in registers of 8 float lanes per image and channel, then added up in double. */
+ * in registers of 8 float lanes per image and channel, then added up in double, image after
+ * image; for the output channels [o0, o1) (each channel's sums in the same order whatever the
+ * range). */
 static inline __attribute__((always_inline)) void conv1_weight_grad_k(const float *x, const float *gz, float *dw,
                                                                        int B, int H, int W, const int k, int p,
-                                                                       int Ho, int Wo, int O, float *xp,
-                                                                       double *total)
+                                                                       int Ho, int Wo, float *xp, double *total,
+                                                                       int o0, int o1)
 {
     const int xs = padded_cols(Wo, k), T = k * k;
-    for (int t = 0; t < O * T; t++)
+    for (int t = o0 * T; t < o1 * T; t++)
         total[t] = 0.0;
     for (int b = 0; b < B; b++) {
         pad_plane(x + (long)b * H * W, xp, H, W, p, xs);
-        for (int o = 0; o < O; o++) {
+        for (int o = o0; o < o1; o++) {
             v8f acc[MAX_TAPS];
             for (int t = 0; t < T; t++)
                 acc[t] = (v8f){0};
@@ -651,17 +703,17 @@ static inline __attribute__((always_inline)) void conv1_weight_grad_k(const floa
             }
         }
     }
-    for (int t = 0; t < O * T; t++)
+    for (int t = o0 * T; t < o1 * T; t++)
         dw[t] = (float)total[t];
 }
 
 static void conv1_weight_grad(const float *x, const float *gz, float *dw, int B, int H, int W, int k, int p, int Ho,
-                              int Wo, int O, float *xp, double *total)
+                              int Wo, float *xp, double *total, int o0, int o1)
 {
     if (k == 3)
-        conv1_weight_grad_k(x, gz, dw, B, H, W, 3, p, Ho, Wo, O, xp, total);
+        conv1_weight_grad_k(x, gz, dw, B, H, W, 3, p, Ho, Wo, xp, total, o0, o1);
     else
-        conv1_weight_grad_k(x, gz, dw, B, H, W, k, p, Ho, Wo, O, xp, total);
+        conv1_weight_grad_k(x, gz, dw, B, H, W, k, p, Ho, Wo, xp, total, o0, o1);
 }
 
 /* ------------------------------------------------------------------ the whole training step
@@ -672,21 +724,43 @@ static void conv1_weight_grad(const float *x, const float *gz, float *dw, int B,
  * BLAS that torch itself uses (its sgemm_, whose address Python passes in), so the
  * arithmetic is the same as torch.mm's; what this saves is the Python and the dispatch
  * around ~100 small calls per step, about a quarter of a step at the lab's sizes.
+ *
+ * Threads (OpenMP, when the library was built with it; `nt` per call, 1 = no threads): one
+ * parallel region per call, every pass shared out between the team with a barrier after it.
+ * Nothing is ever summed across threads: each pass is split where its results do not
+ * depend on the split,
+ * - the image passes (channel-major copy, im2col, col2im, the direct first conv) by image;
+ * - the per-channel passes (bias, batch statistics and their gradients, dropout, ReLU,
+ *   max-pool, the first conv's weight gradient) by channel, each channel computed alone in
+ *   the order one thread computes it;
+ * - each matrix product by rows or columns of its output, every output element the same
+ *   dot product (its full K) as in one call; BLAS runs one thread inside each worker
+ *   (cl_set_blas_threads);
+ * - Adam by elements; the dropout bytes are drawn by one thread, in one fixed order;
+ * - the output layer, the loss and the predictions (a few thousand flops) by one thread.
+ * So a given thread count gives the same numbers run after run, and they differ from one
+ * thread's only where BLAS itself rounds a sub-block of a product differently from the whole
+ * (tests/test_native_threads.py checks both; docs/performance.md says what this BLAS does).
  */
 
 typedef void (*cl_sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
                             const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                             const float *beta, float *c, const int *ldc);
 
-/* Row-major C[M][N] = op(A) op(B) (+ C when acc). op(A) is [M][K]: A is stored [M][K], or
- * [K][M] when ta. op(B) is [K][N]: B is stored [K][N], or [N][K] when tb. Column-major BLAS
- * sees the transposes, so it computes C^T = op(B)^T op(A)^T. */
+/* Row-major C[M][N] = op(A) op(B) (+ C when acc), with leading dimensions. op(A) is [M][K]: A
+ * is stored [M][lda], or [K][lda] when ta. op(B) is [K][N]: B is stored [K][ldb], or [N][ldb]
+ * when tb. Column-major BLAS sees the transposes, so it computes C^T = op(B)^T op(A)^T. */
+static void gemm_ld(cl_sgemm_fn f, int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B,
+                    int ldb, int acc, float *C, int ldc)
+{
+    const float one = 1.0f, beta = acc ? 1.0f : 0.0f;
+    f(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
 static void gemm(cl_sgemm_fn f, int ta, int tb, int M, int N, int K, const float *A, const float *B, int acc,
                  float *C)
 {
-    const float one = 1.0f, beta = acc ? 1.0f : 0.0f;
-    const int lda = ta ? M : K, ldb = tb ? K : N, ldc = N;
-    f(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+    gemm_ld(f, ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, acc, C, N);
 }
 
 /* 0 when f multiplies correctly in all four transpose cases (checked once, before use) */
@@ -715,18 +789,124 @@ int cl_sgemm_check(cl_sgemm_fn f)
     return 0;
 }
 
-/* [C][B][HW] (channel-major activations) <-> [C*HW][B] (features in NCHW flatten order) */
-static void flatten_cm(const float *h, float *f, int C, int B, int HW)
+/* ---- threads */
+
+/* MKL_Set_Num_Threads_Local (or NULL): set to 1 in each thread of a step (the one thread of a
+ * one-thread step too), and put back after, so that BLAS never starts threads of its own
+ * inside the team's, and every product is computed the same way whatever the thread count */
+typedef int (*cl_blas_threads_fn)(int);
+static cl_blas_threads_fn blas_threads_local = NULL;
+
+void cl_set_blas_threads(cl_blas_threads_fn f) { blas_threads_local = f; }
+
+/* whether the library was built with OpenMP (else every call runs one thread) */
+int cl_openmp(void)
 {
-    for (int c = 0; c < C; c++)
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* a thread's place in the team of a parallel call */
+typedef struct {
+    int t, nt;
+} team;
+
+static void team_enter(team *tm, int nt, int *blas_prev)
+{
+    (void)nt; /* the team is what OpenMP gave (num_threads(nt)) */
+#ifdef _OPENMP
+    tm->t = omp_get_thread_num();
+    tm->nt = omp_get_num_threads();
+#else
+    tm->t = 0;
+    tm->nt = 1;
+#endif
+    *blas_prev = -1;
+    if (blas_threads_local)
+        *blas_prev = blas_threads_local(1);
+}
+
+static void team_leave(const team *tm, int blas_prev)
+{
+    (void)tm;
+    if (blas_threads_local && blas_prev >= 0)
+        blas_threads_local(blas_prev);
+}
+
+/* this thread's share [a, b) of n items: contiguous, by thread index, fixed for a thread count */
+static inline void share(int n, const team *tm, int *a, int *b)
+{
+    *a = (int)((long)n * tm->t / tm->nt);
+    *b = (int)((long)n * (tm->t + 1) / tm->nt);
+}
+
+static inline void team_sync(const team *tm)
+{
+#ifdef _OPENMP
+    if (tm->nt > 1) {
+#pragma omp barrier
+    }
+#else
+    (void)tm;
+#endif
+}
+
+/* C = op(A) op(B) by the team: each thread computes a block of C's rows (when M > N) or
+ * columns, every element with the full K; no barrier */
+static void gemm_team(const team *tm, cl_sgemm_fn f, int ta, int tb, int M, int N, int K, const float *A,
+                      const float *B, float *C)
+{
+    if (tm->nt == 1) {
+        gemm(f, ta, tb, M, N, K, A, B, 0, C);
+        return;
+    }
+    const int lda = ta ? M : K, ldb = tb ? K : N;
+    int a, b;
+    if (N >= M) {
+        share(N, tm, &a, &b);
+        if (b > a)
+            gemm_ld(f, ta, tb, M, b - a, K, A, lda, tb ? B + (long)a * ldb : B + a, ldb, 0, C + a, N);
+    } else {
+        share(M, tm, &a, &b);
+        if (b > a)
+            gemm_ld(f, ta, tb, b - a, N, K, ta ? A + a : A + (long)a * lda, lda, B, ldb, 0, C + (long)a * N, N);
+    }
+}
+
+/* C[M][N] = op(A) B by the team, where B (not transposed) and C are [.][B images x hw]: each
+ * thread computes the columns of its own images (share(B)), so that it reads only the
+ * columns it wrote itself before (im2col) and writes only those it reads after (col2im),
+ * with no barrier between; no barrier */
+static void gemm_images_team(const team *tm, cl_sgemm_fn f, int ta, int M, int K, const float *A, const float *B,
+                             float *C, int nimg, int hw)
+{
+    const int N = nimg * hw;
+    if (tm->nt == 1) {
+        gemm(f, ta, 0, M, N, K, A, B, 0, C);
+        return;
+    }
+    int a, b;
+    share(nimg, tm, &a, &b);
+    if (b > a)
+        gemm_ld(f, ta, 0, M, (b - a) * hw, K, A, ta ? M : K, B + (long)a * hw, N, 0, C + (long)a * hw, N);
+}
+
+/* [C][B][HW] (channel-major activations) <-> [C*HW][B] (features in NCHW flatten order), for
+ * the channels [c0, c1) */
+static void flatten_cm(const float *h, float *f, int B, int HW, int c0, int c1)
+{
+    for (int c = c0; c < c1; c++)
         for (int b = 0; b < B; b++)
             for (int j = 0; j < HW; j++)
                 f[((long)c * HW + j) * B + b] = h[((long)c * B + b) * HW + j];
 }
 
-static void unflatten_cm(const float *f, float *h, int C, int B, int HW)
+static void unflatten_cm(const float *f, float *h, int B, int HW, int c0, int c1)
 {
-    for (int c = 0; c < C; c++)
+    for (int c = c0; c < c1; c++)
         for (int b = 0; b < B; b++)
             for (int j = 0; j < HW; j++)
                 h[((long)c * B + b) * HW + j] = f[((long)c * HW + j) * B + b];
@@ -753,26 +933,60 @@ enum { P_WEIGHT, P_BIAS, P_GAMMA, P_BETA, P_RUN_MEAN, P_RUN_VAR, P_NUM_BATCHES,
        P_DWEIGHT, P_DBIAS, P_DGAMMA, P_DBETA, P_COUNT };
 
 /* FastDropout's draws are in NCHW order ([B][O][HW] units of `bytes`); the kernels read them
- * channel-major ([O][B][HW]) */
-static void mask_to_cm(const uint8_t *raw, uint8_t *cm, int B, int O, long unit)
+ * channel-major ([O][B][HW]); the channels [o0, o1) */
+static void mask_to_cm(const uint8_t *raw, uint8_t *cm, int B, long unit, int O, int o0, int o1)
 {
-    for (int o = 0; o < O; o++)
+    for (int o = o0; o < o1; o++)
         for (int b = 0; b < B; b++)
             memcpy(cm + ((long)o * B + b) * unit, raw + ((long)b * O + o) * unit, unit);
 }
 
-/* The image x [B][C][H][W] to the last block's output (returned, in that block's `out`):
- * every block forward. Shared by the training step and the forward pass. xpad: the direct
- * first conv's scratch, when it has one. */
-static const float *forward_blocks(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, int B,
-                                   float *xcm, float *tmp, float *xpad, cl_sgemm_fn sgemm)
+/* Per-thread scratch of a call: tmp (2*Ho*Wo floats of the largest block) and the direct first
+ * conv's padded plane, for each thread; the first conv's double weight-gradient sums, shared
+ * (each thread sums its own channels). */
+typedef struct {
+    float *tmp, *xpad;
+    long tmp_n, xpad_n;
+    double *dw_total;
+} scratch;
+
+static int scratch_alloc(scratch *s, int nb, const cl_block *blk, int nt)
 {
+    s->tmp_n = 1;
+    for (int i = 0; i < nb; i++)
+        if (2L * blk[i].Ho * blk[i].Wo > s->tmp_n)
+            s->tmp_n = 2L * blk[i].Ho * blk[i].Wo;
+    s->tmp_n = (s->tmp_n + 15) / 16 * 16; /* each thread's own cache lines */
+    const cl_block *L = &blk[0];
+    s->xpad_n = L->direct ? ((long)(L->H + 2 * L->p) * padded_cols(L->Wo, L->k) + 15) / 16 * 16 : 0;
+    s->tmp = malloc(sizeof(float) * (s->tmp_n + s->xpad_n) * nt);
+    s->xpad = s->tmp ? s->tmp + s->tmp_n * nt : NULL;
+    s->dw_total = L->direct ? malloc(sizeof(double) * L->O * L->k * L->k) : NULL;
+    if (s->tmp && (s->dw_total || !L->direct))
+        return 0;
+    free(s->tmp), free(s->dw_total);
+    return -1;
+}
+
+static void scratch_free(scratch *s) { free(s->tmp), free(s->dw_total); }
+
+/* The image x [B][C][H][W] to the last block's output (returned, in that block's `out`):
+ * every block forward, by the team (the dropout bytes drawn by thread 0). Shared by the
+ * training step and the forward pass. Ends with a barrier. */
+static const float *forward_team(const team *tm, int nb, cl_block *blk, void **ptrs, const uint64_t *seeds,
+                                 const float *x, int B, float *xcm, const scratch *sc, cl_sgemm_fn sgemm)
+{
+    float *tmp = sc->tmp + sc->tmp_n * tm->t, *xpad = sc->xpad + sc->xpad_n * tm->t;
     /* the image, channel-major */
     const cl_block *b0 = &blk[0];
     const int Cin = b0->fc ? b0->flatten : b0->C, HWin = b0->fc ? b0->flat_hw : b0->H * b0->W;
+    int lo, hi;
+    share(B, tm, &lo, &hi);
     for (int c = 0; c < Cin; c++)
-        for (int b = 0; b < B; b++)
+        for (int b = lo; b < hi; b++)
             memcpy(xcm + ((long)c * B + b) * HWin, x + ((long)b * Cin + c) * HWin, sizeof(float) * HWin);
+    if (b0->fc) /* flatten_cm reads every image; a conv block only this thread's (share(B) again) */
+        team_sync(tm);
     const float *h = xcm;
     int si = 0;
     for (int i = 0; i < nb; i++) {
@@ -781,27 +995,35 @@ static const float *forward_blocks(int nb, cl_block *blk, void **ptrs, const uin
         const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k;
         const float *cols = h;
         if (L->fc && L->flatten) {
-            flatten_cm(h, L->feats, L->flatten, B, L->flat_hw);
+            share(L->flatten, tm, &lo, &hi);
+            flatten_cm(h, L->feats, B, L->flat_hw, lo, hi);
             cols = L->feats;
+            team_sync(tm);
         } else if (L->direct) {
-            conv1_forward(h, P[P_WEIGHT], L->z, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad);
+            share(B, tm, &lo, &hi);
+            conv1_forward(h, P[P_WEIGHT], L->z, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad, lo, hi);
         } else if (!L->fc) {
-            cl_im2col(h, L->cols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo);
-            cols = L->cols;
+            share(B, tm, &lo, &hi);
+            im2col_range(h, L->cols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, lo, hi);
+            gemm_images_team(tm, sgemm, 0, L->O, CK, P[P_WEIGHT], L->cols, L->z, B, L->Ho * L->Wo);
         }
-        if (!L->direct)
-            gemm(sgemm, 0, 0, L->O, N, CK, P[P_WEIGHT], cols, 0, L->z);
-        if (L->mask_bits) {
-            const long unit = (long)L->Ho * L->Wo * (L->mask_bits / 8);
-            cl_random_bytes(L->mask_raw, unit * B * L->O, seeds[si++]);
-            mask_to_cm(L->mask_raw, L->mask, B, L->O, unit);
-        }
-        cl_block_forward(L->z, L->O, B, L->Ho, L->Wo, P[P_BIAS], P[P_GAMMA], P[P_BETA], P[P_RUN_MEAN],
-                         P[P_RUN_VAR], L->batch_stats, L->momentum, L->eps, L->invstd,
-                         L->mask_bits ? L->mask : NULL, L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale,
-                         L->pool, L->out, L->arg, tmp);
-        if (P[P_GAMMA] && L->batch_stats && P[P_NUM_BATCHES])
+        if (L->fc)
+            gemm_team(tm, sgemm, 0, 0, L->O, N, CK, P[P_WEIGHT], cols, L->z);
+        const long unit = (long)L->Ho * L->Wo * (L->mask_bits / 8);
+        if (L->mask_bits && tm->t == 0)
+            cl_random_bytes(L->mask_raw, unit * B * L->O, seeds[si]);
+        si += L->mask_bits != 0;
+        team_sync(tm);
+        share(L->O, tm, &lo, &hi);
+        if (L->mask_bits)
+            mask_to_cm(L->mask_raw, L->mask, B, unit, L->O, lo, hi);
+        block_forward_ch(L->z, L->O, B, L->Ho, L->Wo, P[P_BIAS], P[P_GAMMA], P[P_BETA], P[P_RUN_MEAN], P[P_RUN_VAR],
+                         L->batch_stats, L->momentum, L->eps, L->invstd, L->mask_bits ? L->mask : NULL,
+                         L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, L->out, L->arg, tmp, lo,
+                         hi);
+        if (tm->t == 0 && P[P_GAMMA] && L->batch_stats && P[P_NUM_BATCHES])
             *(int64_t *)P[P_NUM_BATCHES] += 1;
+        team_sync(tm);
         h = L->out;
     }
     return h;
@@ -816,13 +1038,13 @@ static int out_hw(const cl_block *L)
 }
 
 /* The output layer: logits [B][K] = feats^T W^T + bias from the last block's output h.
- * Returns the features [F][B] it used (h itself, or h flattened into hfeats). */
+ * Returns the features [F][B] it used (h itself, or h flattened into hfeats). One thread. */
 static const float *head_logits(const cl_block *last, void **H, const float *h, int B, int K, int F, float *hfeats,
                                 float *logits, cl_sgemm_fn sgemm)
 {
     const float *feats = h;
     if (!last->fc) {
-        flatten_cm(h, hfeats, last->O, B, out_hw(last));
+        flatten_cm(h, hfeats, B, out_hw(last), 0, last->O);
         feats = hfeats;
     }
     const float *hb = H[1];
@@ -834,34 +1056,147 @@ static const float *head_logits(const cl_block *last, void **H, const float *h, 
     return feats;
 }
 
-static int direct_scratch(const cl_block *L, float **xpad, double **dw_total)
-{
-    *xpad = NULL;
-    *dw_total = NULL;
-    if (!L->direct)
-        return 0;
-    *xpad = malloc(sizeof(float) * (L->H + 2 * L->p) * padded_cols(L->Wo, L->k));
-    *dw_total = malloc(sizeof(double) * L->O * L->k * L->k);
-    if (*xpad && *dw_total)
-        return 0;
-    free(*xpad), free(*dw_total);
-    return -1;
-}
+/* Runs the block of code by a team of nt threads, or, for one, by the calling thread alone,
+ * outside any parallel region */
+#ifdef _OPENMP
+#define TEAM_RUN(nt, ...)                                                                           \
+    do {                                                                                            \
+        if ((nt) > 1) {                                                                             \
+            _Pragma("omp parallel num_threads(nt)") { __VA_ARGS__ }                                 \
+        } else {                                                                                    \
+            __VA_ARGS__                                                                             \
+        }                                                                                           \
+    } while (0)
+#else
+#define TEAM_RUN(nt, ...)                                                                           \
+    do {                                                                                            \
+        __VA_ARGS__                                                                                 \
+    } while (0)
+#endif
 
 /* The forward pass alone (evaluation): logits [B][K] of the batch x, in the plan's mode (a
  * plan for a net in training mode draws dropout masks and updates batch norm's running
- * statistics, as torch's modules do). The blocks' arg may be NULL. Returns 0, or -1 when
- * memory ran out. */
+ * statistics, as torch's modules do). The blocks' arg may be NULL. tmp is unused (each
+ * thread's scratch is allocated here). nt: threads. Returns 0, or -1 when memory ran out. */
 int cl_forward(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, int B, int K, int F,
-               float *xcm, float *hfeats, float *tmp, float *logits, cl_sgemm_fn sgemm)
+               float *xcm, float *hfeats, float *tmp, float *logits, cl_sgemm_fn sgemm, int nt)
 {
-    float *xpad;
-    double *dw_total;
-    if (direct_scratch(&blk[0], &xpad, &dw_total))
+    (void)tmp;
+    nt = nt < 1 || !cl_openmp() ? 1 : nt;
+    scratch sc;
+    if (scratch_alloc(&sc, nb, blk, nt))
         return -1;
-    const float *h = forward_blocks(nb, blk, ptrs, seeds, x, B, xcm, tmp, xpad, sgemm);
-    head_logits(&blk[nb - 1], ptrs + (long)nb * P_COUNT, h, B, K, F, hfeats, logits, sgemm);
-    free(xpad), free(dw_total);
+    TEAM_RUN(nt, {
+        team tm;
+        int prev;
+        team_enter(&tm, nt, &prev);
+        const float *h = forward_team(&tm, nb, blk, ptrs, seeds, x, B, xcm, &sc, sgemm);
+        if (tm.t == 0)
+            head_logits(&blk[nb - 1], ptrs + (long)nb * P_COUNT, h, B, K, F, hfeats, logits, sgemm);
+        team_leave(&tm, prev);
+    });
+    scratch_free(&sc);
+    return 0;
+}
+
+/* One training step by the team (after a barrier that follows the batch's arrival); ends
+ * with a barrier. The arguments are cl_train_step's. */
+static void step_team(const team *tm, int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x,
+                      const int64_t *y, int B, int K, int F, float *xcm, float *hfeats, float *hgrad, float *probs,
+                      float *logits, float *loss, const scratch *sc, cl_sgemm_fn sgemm)
+{
+    float *xpad = sc->xpad + sc->xpad_n * tm->t;
+    const float *h = forward_team(tm, nb, blk, ptrs, seeds, x, B, xcm, sc, sgemm);
+    /* the output layer and the loss: loss = mean(lse - logit[y]); its gradient
+     * (softmax - onehot) / B, as torch's cross_entropy backward; one thread */
+    cl_block *last = &blk[nb - 1];
+    void **H = ptrs + (long)nb * P_COUNT;
+    if (tm->t == 0) {
+        const float *feats = head_logits(last, H, h, B, K, F, hfeats, logits, sgemm);
+        const float *hw = H[0], *hb = H[1];
+        double total = 0.0;
+        for (int b = 0; b < B; b++) {
+            const float *l = logits + (long)b * K;
+            float *pr = probs + (long)b * K;
+            float mx = l[0];
+            for (int k = 1; k < K; k++)
+                mx = l[k] > mx || isnan(l[k]) ? l[k] : mx;
+            double s = 0.0;
+            for (int k = 0; k < K; k++) {
+                pr[k] = expf(l[k] - mx);
+                s += pr[k];
+            }
+            total += mx + log(s) - l[y[b]];
+            const float inv = (float)(1.0 / s), invB = 1.0f / B;
+            for (int k = 0; k < K; k++)
+                pr[k] = (pr[k] * inv - (k == y[b] ? 1.0f : 0.0f)) * invB;
+        }
+        *loss = (float)(total / B);
+        if (H[2])
+            gemm(sgemm, 1, 1, K, F, B, probs, feats, 0, H[2]); /* dW = g^T feats^T */
+        if (H[3] && hb) {
+            float *db = H[3];
+            for (int k = 0; k < K; k++) {
+                double s = 0.0;
+                for (int b = 0; b < B; b++)
+                    s += probs[(long)b * K + k];
+                db[k] = (float)s;
+            }
+        }
+        /* the gradient of the last block's output */
+        if (last->fc) {
+            gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, last->gout);
+        } else {
+            gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, hgrad);
+            unflatten_cm(hgrad, last->gout, B, out_hw(last), 0, last->O);
+        }
+    }
+    team_sync(tm);
+    int lo, hi;
+    for (int i = nb - 1; i >= 0; i--) {
+        cl_block *L = &blk[i];
+        void **P = ptrs + (long)i * P_COUNT;
+        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k;
+        share(L->O, tm, &lo, &hi);
+        block_backward_ch(L->gout, L->arg, L->z, L->gz, B, L->Ho, L->Wo, L->mask_bits ? L->mask : NULL,
+                          L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, P[P_GAMMA], L->invstd,
+                          P[P_DGAMMA], P[P_DBETA], P[P_BIAS] ? P[P_DBIAS] : NULL, lo, hi);
+        team_sync(tm);
+        const float *cols = L->fc ? (L->flatten ? L->feats : (i ? blk[i - 1].out : xcm)) : L->cols;
+        if (P[P_DWEIGHT] && L->direct)
+            conv1_weight_grad(xcm, L->gz, P[P_DWEIGHT], B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, xpad, sc->dw_total,
+                              lo, hi);
+        else if (P[P_DWEIGHT])
+            gemm_team(tm, sgemm, 0, 1, L->O, CK, N, L->gz, cols, P[P_DWEIGHT]);
+        if (i == 0)
+            break;
+        cl_block *prev = &blk[i - 1];
+        if (L->fc && !L->flatten) {
+            gemm_team(tm, sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, prev->gout);
+            team_sync(tm);
+            continue;
+        }
+        if (L->fc) {
+            gemm_team(tm, sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, L->dcols);
+            team_sync(tm);
+            share(L->flatten, tm, &lo, &hi);
+            unflatten_cm(L->dcols, prev->gout, B, L->flat_hw, lo, hi);
+        } else { /* this thread's images: their columns, then col2im of the same columns */
+            gemm_images_team(tm, sgemm, 1, CK, L->O, P[P_WEIGHT], L->gz, L->dcols, B, L->Ho * L->Wo);
+            share(B, tm, &lo, &hi);
+            col2im_range(L->dcols, prev->gout, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, lo, hi);
+        }
+        team_sync(tm);
+    }
+    team_sync(tm);
+}
+
+/* the first label of y [B] outside [0, K): 1 + its index, else 0 */
+static int bad_label(const int64_t *y, int B, int K)
+{
+    for (int b = 0; b < B; b++)
+        if (y[b] < 0 || y[b] >= K)
+            return 1 + b;
     return 0;
 }
 
@@ -871,144 +1206,29 @@ int cl_forward(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const 
  * as cnnlab.fastops.random_bytes does); ptrs: P_COUNT per block, then the head's weight
  * [K][F], bias [K] (or NULL), and their gradients. xcm: [C][B][H][W] scratch; hfeats,
  * hgrad: [F][B] scratch when the last block is a conv block; probs: [B][K] scratch; tmp:
- * scratch of 2*Ho*Wo floats for the largest block. logits [B][K] and loss are written.
- * Returns 0, 1 + b for the first label y[b] outside [0, K), or -1 when memory ran out. */
+ * unused (each thread's scratch is allocated here). logits [B][K] and loss are written. nt:
+ * threads (1 without OpenMP). Returns 0, 1 + b for the first label y[b] outside [0, K), or
+ * -1 when memory ran out. */
 int cl_train_step(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, const float *x, const int64_t *y,
                   int B, int K, int F, float *xcm, float *hfeats, float *hgrad, float *probs, float *tmp,
-                  float *logits, float *loss, cl_sgemm_fn sgemm)
+                  float *logits, float *loss, cl_sgemm_fn sgemm, int nt)
 {
-    for (int b = 0; b < B; b++)
-        if (y[b] < 0 || y[b] >= K)
-            return 1 + b;
-    float *xpad;
-    double *dw_total;
-    if (direct_scratch(&blk[0], &xpad, &dw_total))
+    (void)tmp;
+    const int bad = bad_label(y, B, K);
+    if (bad)
+        return bad;
+    nt = nt < 1 || !cl_openmp() ? 1 : nt;
+    scratch sc;
+    if (scratch_alloc(&sc, nb, blk, nt))
         return -1;
-    const float *h = forward_blocks(nb, blk, ptrs, seeds, x, B, xcm, tmp, xpad, sgemm);
-    /* the output layer and the loss: loss = mean(lse - logit[y]); its gradient
-     * (softmax - onehot) / B, as torch's cross_entropy backward */
-    const cl_block *last = &blk[nb - 1];
-    void **H = ptrs + (long)nb * P_COUNT;
-    const float *feats = head_logits(last, H, h, B, K, F, hfeats, logits, sgemm);
-    const float *hw = H[0], *hb = H[1];
-    double total = 0.0;
-    for (int b = 0; b < B; b++) {
-        const float *l = logits + (long)b * K;
-        float *pr = probs + (long)b * K;
-        float mx = l[0];
-        for (int k = 1; k < K; k++)
-            mx = l[k] > mx || isnan(l[k]) ? l[k] : mx;
-        double s = 0.0;
-        for (int k = 0; k < K; k++) {
-            pr[k] = expf(l[k] - mx);
-            s += pr[k];
-        }
-        total += mx + log(s) - l[y[b]];
-        const float inv = (float)(1.0 / s), invB = 1.0f / B;
-        for (int k = 0; k < K; k++)
-            pr[k] = (pr[k] * inv - (k == y[b] ? 1.0f : 0.0f)) * invB;
-    }
-    *loss = (float)(total / B);
-    if (H[2])
-        gemm(sgemm, 1, 1, K, F, B, probs, feats, 0, H[2]); /* dW = g^T feats^T */
-    if (H[3] && hb) {
-        float *db = H[3];
-        for (int k = 0; k < K; k++) {
-            double s = 0.0;
-            for (int b = 0; b < B; b++)
-                s += probs[(long)b * K + k];
-            db[k] = (float)s;
-        }
-    }
-    /* the gradient of the last block's output */
-    if (last->fc) {
-        gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, last->gout);
-    } else {
-        gemm(sgemm, 1, 1, F, B, K, hw, probs, 0, hgrad);
-        unflatten_cm(hgrad, last->gout, last->O, B, out_hw(last));
-    }
-    for (int i = nb - 1; i >= 0; i--) {
-        cl_block *L = &blk[i];
-        void **P = ptrs + (long)i * P_COUNT;
-        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k;
-        cl_block_backward(L->gout, L->arg, L->z, L->gz, L->O, B, L->Ho, L->Wo, L->mask_bits ? L->mask : NULL,
-                          L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, P[P_GAMMA],
-                          L->invstd, P[P_DGAMMA], P[P_DBETA], P[P_BIAS] ? P[P_DBIAS] : NULL);
-        const float *cols = L->fc ? (L->flatten ? L->feats : (i ? blk[i - 1].out : xcm)) : L->cols;
-        if (P[P_DWEIGHT] && L->direct)
-            conv1_weight_grad(xcm, L->gz, P[P_DWEIGHT], B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad, dw_total);
-        else if (P[P_DWEIGHT])
-            gemm(sgemm, 0, 1, L->O, CK, N, L->gz, cols, 0, P[P_DWEIGHT]);
-        if (i == 0)
-            break;
-        cl_block *prev = &blk[i - 1];
-        if (L->fc && !L->flatten) {
-            gemm(sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, 0, prev->gout);
-            continue;
-        }
-        gemm(sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, 0, L->dcols);
-        if (L->fc)
-            unflatten_cm(L->dcols, prev->gout, L->flatten, B, L->flat_hw);
-        else
-            cl_col2im(L->dcols, prev->gout, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo);
-    }
-    free(xpad), free(dw_total);
-    return 0;
-}
-
-/* ------------------------------------------------------------------ a run of steps
- *
- * What cnnlab's training loop does for each full batch of an epoch, `count` times in one
- * call, with no Python between steps (whose interpreter ran cold after each step's ~4 MB of
- * activations, about a fifth of a step): gather the batch, cl_train_step, then Adam (cl_adam),
- * then record the loss and each sample's predicted class. Step s takes the samples
- * idx[s*B .. s*B + B) of x_all [n_all][sample] and y_all [n_all], and the dropout seeds
- * seeds[s*n_seeds ..). losses[s] and preds[s*B + b] are written (the prediction is the first
- * largest logit, a NaN counting as largest, as torch.argmax). xb [B][sample] and yb [B] are
- * scratch. Returns 0; 1 + s*B + b when step s's label b is outside [0, K) (steps before s are
- * done, step s is not); -2 for an index outside [0, n_all) (nothing is done); -1 when memory
- * ran out. */
-typedef struct {
-    int nt;
-    float **params, **grads, **exp_avgs, **exp_avg_sqs, **steps;
-    const int64_t *sizes;
-    double lr, beta1, beta2, eps;
-    int vec;
-} cl_adam_args;
-
-void cl_adam(int nt, float **params, float **grads, float **exp_avgs, float **exp_avg_sqs, float **steps,
-             const int64_t *sizes, double lr, double beta1, double beta2, double eps, int vec);
-
-int cl_train_steps(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, int n_seeds, int count,
-                   const float *x_all, const int64_t *y_all, long n_all, long sample, const int64_t *idx, int B,
-                   int K, int F, float *xb, int64_t *yb, float *xcm, float *hfeats, float *hgrad, float *probs,
-                   float *tmp, float *logits, float *losses, int64_t *preds, const cl_adam_args *a,
-                   cl_sgemm_fn sgemm)
-{
-    for (long i = 0; i < (long)count * B; i++)
-        if (idx[i] < 0 || idx[i] >= n_all)
-            return -2;
-    for (int s = 0; s < count; s++) {
-        const int64_t *is = idx + (long)s * B;
-        for (int b = 0; b < B; b++) {
-            memcpy(xb + (long)b * sample, x_all + is[b] * sample, sizeof(float) * sample);
-            yb[b] = y_all[is[b]];
-        }
-        const int rc = cl_train_step(nb, blk, ptrs, seeds + (long)s * n_seeds, xb, yb, B, K, F, xcm, hfeats, hgrad,
-                                     probs, tmp, logits, losses + s, sgemm);
-        if (rc)
-            return rc > 0 ? 1 + s * B + (rc - 1) : rc;
-        cl_adam(a->nt, a->params, a->grads, a->exp_avgs, a->exp_avg_sqs, a->steps, a->sizes, a->lr, a->beta1,
-                a->beta2, a->eps, a->vec);
-        for (int b = 0; b < B; b++) {
-            const float *l = logits + (long)b * K;
-            int best = 0;
-            for (int k = 1; k < K && !isnan(l[best]); k++)
-                if (l[k] > l[best] || isnan(l[k]))
-                    best = k;
-            preds[(long)s * B + b] = best;
-        }
-    }
+    TEAM_RUN(nt, {
+        team tm;
+        int prev;
+        team_enter(&tm, nt, &prev);
+        step_team(&tm, nb, blk, ptrs, seeds, x, y, B, K, F, xcm, hfeats, hgrad, probs, logits, loss, &sc, sgemm);
+        team_leave(&tm, prev);
+    });
+    scratch_free(&sc);
     return 0;
 }
 
@@ -1024,34 +1244,129 @@ int cl_train_steps(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, in
  * so that the result is torch's bit for bit where its kernel runs vec floats per vector
  * (8 with AVX2; tests/test_native.py checks). steps: each tensor's step count (float),
  * incremented first, as torch does. */
+typedef struct {
+    int nt;
+    float **params, **grads, **exp_avgs, **exp_avg_sqs, **steps;
+    const int64_t *sizes;
+    double lr, beta1, beta2, eps;
+    int vec;
+} cl_adam_args;
+
+/* elements [i0, i1) of tensor t at step count `step` (already incremented); every element's
+ * arithmetic is the same whatever the range */
+static void adam_range(float *p, const float *g, float *m, float *v, int64_t n, int64_t i0, int64_t i1, double step,
+                       double lr, double beta1, double beta2, double eps, int vec)
+{
+    const double step_size = lr / (1.0 - pow(beta1, step)), bc2_sqrt = sqrt(1.0 - pow(beta2, step));
+    const float c1 = (float)(1.0 - beta1), c2 = (float)(1.0 - beta2), b2 = (float)beta2;
+    const float bs = (float)bc2_sqrt, e = (float)eps, neg_step = (float)-step_size;
+    const int64_t body = vec > 1 ? n - n % vec : n, mid = body < i1 ? (body > i0 ? body : i0) : i1;
+#pragma omp simd
+    for (int64_t i = i0; i < mid; i++) {
+        const float mi = fmaf(c1, g[i] - m[i], m[i]), vi = fmaf(c2 * g[i], g[i], v[i] * b2);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] + (neg_step * mi) / (sqrtf(vi) / bs + e);
+    }
+    for (int64_t i = mid; i < i1; i++) {
+        const float mi = fmaf(c1, g[i] - m[i], m[i]), vi = fmaf(v[i], b2, (c2 * g[i]) * g[i]);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] + (neg_step * mi) / (sqrtf(vi) / bs + e);
+    }
+}
+
 void cl_adam(int nt, float **params, float **grads, float **exp_avgs, float **exp_avg_sqs, float **steps,
              const int64_t *sizes, double lr, double beta1, double beta2, double eps, int vec)
 {
     for (int t = 0; t < nt; t++) {
         *steps[t] += 1.0f;
-        const double step = *steps[t];
-        const double step_size = lr / (1.0 - pow(beta1, step)), bc2_sqrt = sqrt(1.0 - pow(beta2, step));
-        const float c1 = (float)(1.0 - beta1), c2 = (float)(1.0 - beta2), b2 = (float)beta2;
-        const float bs = (float)bc2_sqrt, e = (float)eps, neg_step = (float)-step_size;
-        float *p = params[t], *m = exp_avgs[t], *v = exp_avg_sqs[t];
-        const float *g = grads[t];
-        const int64_t n = sizes[t], body = vec > 1 ? n - n % vec : n;
-#pragma omp simd
-        for (int64_t i = 0; i < body; i++) {
-            const float mi = fmaf(c1, g[i] - m[i], m[i]), vi = fmaf(c2 * g[i], g[i], v[i] * b2);
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = p[i] + (neg_step * mi) / (sqrtf(vi) / bs + e);
-        }
-        for (int64_t i = body; i < n; i++) {
-            const float mi = fmaf(c1, g[i] - m[i], m[i]), vi = fmaf(v[i], b2, (c2 * g[i]) * g[i]);
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = p[i] + (neg_step * mi) / (sqrtf(vi) / bs + e);
-        }
+        adam_range(params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], sizes[t], 0, sizes[t], *steps[t], lr, beta1,
+                   beta2, eps, vec);
     }
 }
 
+/* cl_adam by the team: each tensor's elements shared out in blocks of 64; ends with a barrier */
+static void adam_team(const team *tm, const cl_adam_args *a)
+{
+    for (int t = 0; t < a->nt; t++) {
+        const int64_t n = a->sizes[t], blocks = (n + 63) / 64;
+        const int64_t i0 = blocks * tm->t / tm->nt * 64, i1 = blocks * (tm->t + 1) / tm->nt * 64;
+        const float step = *a->steps[t] + 1.0f;
+        adam_range(a->params[t], a->grads[t], a->exp_avgs[t], a->exp_avg_sqs[t], n, i0 < n ? i0 : n, i1 < n ? i1 : n,
+                   step, a->lr, a->beta1, a->beta2, a->eps, a->vec);
+    }
+    team_sync(tm); /* every thread has read the step counts */
+    if (tm->t == 0)
+        for (int t = 0; t < a->nt; t++)
+            *a->steps[t] += 1.0f;
+    team_sync(tm);
+}
+
+/* ------------------------------------------------------------------ a run of steps
+ *
+ * What cnnlab's training loop does for each full batch of an epoch, `count` times in one
+ * call, with no Python between steps (whose interpreter ran cold after each step's ~4 MB of
+ * activations, about a fifth of a step): gather the batch, cl_train_step, then Adam (cl_adam),
+ * then record the loss and each sample's predicted class. Step s takes the samples
+ * idx[s*B .. s*B + B) of x_all [n_all][sample] and y_all [n_all], and the dropout seeds
+ * seeds[s*n_seeds ..). losses[s] and preds[s*B + b] are written (the prediction is the first
+ * largest logit, a NaN counting as largest, as torch.argmax). xb [B][sample] and yb [B] are
+ * scratch. nt: threads, one parallel region for the whole run. Returns 0; 1 + s*B + b when
+ * step s's label b is outside [0, K) (steps before s are done, step s is not); -2 for an index
+ * outside [0, n_all) (nothing is done); -1 when memory ran out. */
+int cl_train_steps(int nb, cl_block *blk, void **ptrs, const uint64_t *seeds, int n_seeds, int count,
+                   const float *x_all, const int64_t *y_all, long n_all, long sample, const int64_t *idx, int B,
+                   int K, int F, float *xb, int64_t *yb, float *xcm, float *hfeats, float *hgrad, float *probs,
+                   float *tmp, float *logits, float *losses, int64_t *preds, const cl_adam_args *a,
+                   cl_sgemm_fn sgemm, int nt)
+{
+    (void)tmp;
+    for (long i = 0; i < (long)count * B; i++)
+        if (idx[i] < 0 || idx[i] >= n_all)
+            return -2;
+    nt = nt < 1 || !cl_openmp() ? 1 : nt;
+    scratch sc;
+    if (scratch_alloc(&sc, nb, blk, nt))
+        return -1;
+    int rc = 0;
+    TEAM_RUN(nt, {
+        team tm;
+        int prev;
+        team_enter(&tm, nt, &prev);
+        for (int s = 0; s < count; s++) {
+            const int64_t *is = idx + (long)s * B;
+            int lo, hi;
+            share(B, &tm, &lo, &hi);
+            for (int b = lo; b < hi; b++) {
+                memcpy(xb + (long)b * sample, x_all + is[b] * sample, sizeof(float) * sample);
+                yb[b] = y_all[is[b]];
+            }
+            team_sync(&tm);
+            const int bad = bad_label(yb, B, K); /* the same answer in every thread */
+            if (bad) {
+                if (tm.t == 0)
+                    rc = 1 + s * B + (bad - 1);
+                break;
+            }
+            step_team(&tm, nb, blk, ptrs, seeds + (long)s * n_seeds, xb, yb, B, K, F, xcm, hfeats, hgrad, probs,
+                      logits, losses + s, &sc, sgemm);
+            if (tm.t == 0)
+                for (int b = 0; b < B; b++) {
+                    const float *l = logits + (long)b * K;
+                    int best = 0;
+                    for (int k = 1; k < K && !isnan(l[best]); k++)
+                        if (l[k] > l[best] || isnan(l[k]))
+                            best = k;
+                    preds[(long)s * B + b] = best;
+                }
+            adam_team(&tm, a);
+        }
+        team_leave(&tm, prev);
+    });
+    scratch_free(&sc);
+    return rc;
+}
 
 /* ---------------------------------------------------------------------------- layouts */
 
