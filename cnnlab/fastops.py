@@ -17,6 +17,9 @@ instead (measurements, and what was tried and dropped: docs/performance.md):
 - TrainStep: with the native kernels, a whole training step in one C call (cl_train_step);
   TrainStep.run: a run of steps, each with its batch gather, Adam step (LeanAdam's, in C)
   and predictions, in one C call (cl_train_steps), which the training loop uses.
+- block / _Block and train_step: the same C kernels called one block at a time from Python
+  (with autograd, or by hand): kept as the path for a torch whose BLAS exports no sgemm_,
+  which the one-call plan (TrainStep) needs; they hold no block math of their own.
 
 Nothing here changes what is computed; tests/test_speed_equivalence.py checks every
 function against torch's reference (values and gradients).
