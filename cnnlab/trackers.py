@@ -86,6 +86,21 @@ def _study_of(out: Path, seed: int) -> tuple[Path, str] | None:
     return None
 
 
+def _after_existing_event_files(tb: Path) -> None:
+    """Wait (under a second) until a new event file will sort after every file in tb/.
+    TensorBoard reads a directory's event files in name order, and a name starts with the
+    second it was created (events.out.tfevents.<seconds>.<host>.<pid>...): a resumed run's
+    file made in the same second as the interrupted run's could sort first (by pid), and
+    its restart would then purge the resumed epochs instead of the interrupted ones."""
+    newest = 0
+    for f in tb.glob("events.out.tfevents.*"):
+        stamp = f.name.split(".")[3]
+        if stamp.isdigit():
+            newest = max(newest, int(stamp))
+    while int(time.time()) <= newest:
+        time.sleep(min(1.0, newest + 1 - time.time()) + 0.01)
+
+
 class TensorBoard:
     """RUN_DIR/tb/: a study's runs show in `tensorboard --logdir STUDY_DIR/runs` as <variant>/seed-<n>/tb."""
 
@@ -95,6 +110,7 @@ class TensorBoard:
         from cnnlab.config import dump_config
 
         # purge_step: a resumed run hides what an interrupted one wrote from start_epoch on
+        _after_existing_event_files(out / "tb")
         self.writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch)
         self.last = cfg.train.epochs - 1
         if start_epoch == 0:  # else written before the interruption, and kept

@@ -262,3 +262,25 @@ def test_importing_cnnlab_and_its_config_imports_no_tracker():
             "print([m for m in ('torch', 'tensorboard', 'mlflow') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_interrupted_ones(tmp_path):
+    """TensorBoard reads event files in name order; a resumed run's file made in the same second
+    as the interrupted run's must not sort first (it would purge the resumed epochs)."""
+    pytest.importorskip("tensorboard")
+    import socket
+    import time
+
+    from cnnlab.trackers import _after_existing_event_files
+
+    tb = tmp_path / "tb"
+    tb.mkdir()
+    now = int(time.time())
+    # the interrupted run's file: this second, and a pid that sorts after any real one
+    (tb / f"events.out.tfevents.{now}.{socket.gethostname()}.99999999.0").write_bytes(b"")
+    _after_existing_event_files(tb)
+    assert int(time.time()) > now
+    from torch.utils.tensorboard import SummaryWriter
+
+    SummaryWriter(str(tb)).close()
+    assert sorted(p.name for p in tb.iterdir())[0].split(".")[4] == "99999999"  # the old file comes first
