@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import LoopbackServer, make_idx_dir
+from tests.test_data import _parser
 
 import cnnlab.data as data
 from cnnlab import sources
@@ -559,17 +560,6 @@ def test_report_test_images_gray_rgb_float(tmp_path):
 
 
 # --------------------------------------------------------------------------- names and the command
-
-def _parser():
-    from cnnlab.cli import _Parser
-    from cnnlab.commands import data as data_cmd
-
-    parser = _Parser(prog="cnnlab")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    sub.required = True
-    data_cmd.register(sub)
-    return parser
-
 
 def test_data_command_with_new_names(tmp_path, cifar, monkeypatch, capsys):
     npz, _ = _good_npz(tmp_path)

@@ -25,7 +25,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-mode", choices=["eval", "train"],
                    help="headline evaluation: eval = model.eval() (default); train = the lab's way, dropout/BN left "
                         "in training mode. Both are always recorded in result.json")
-    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for the run, cnnlab's C step included (default: torch's count, every physical "
+                        "core; use 1 when other jobs share the cores)")
     p.add_argument("--log", metavar="NAMES",
                    help="experiment trackers that also record the run, comma-separated: tensorboard, mlflow "
                         "(each an extra: pip install -e '.[tensorboard]'); '' = none (default: the config's, else "
