@@ -968,8 +968,11 @@ def summary(model=None, *, config=None, input_shape=None, num_classes: int | Non
     if model is not None:
         from cnnlab.spec import ModelSpec, preset
 
-        if type(model).__name__ == "Normalized" and hasattr(model, "net"):  # a normalised run's model: its network
-            model = model.net
+        if not isinstance(model, (str, ModelSpec)):  # a torch module, so torch is already imported
+            from cnnlab.model import Normalized
+
+            if isinstance(model, Normalized):  # a normalised run's model: its network
+                model = model.net
 
         if isinstance(model, str):
             spec = preset(model)
