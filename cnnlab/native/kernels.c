@@ -437,6 +437,91 @@ void cl_block_forward(float *z, int O, int B, int Ho, int Wo, const float *bias,
                      mask, mask_bits, threshold, scale, pool, out, arg, tmp, 0, O);
 }
 
+/* A batch norm's normalisation of one channel, zhat = (z - mf) * isf, where z is the product
+ * before the bias bo. With batch_stats: from the batch's mean of z (mean_z) and sum of squared
+ * deviations from it (ss), over n values, and the running statistics are updated when
+ * `update`; else from the running statistics. */
+static void bn_norm(int batch_stats, double mean_z, double ss, long n, float bo, float *run_mean, float *run_var,
+                    int update, double momentum, double eps, float *mf, float *isf)
+{
+    double invstd;
+    if (batch_stats) {
+        const double mean = mean_z + bo, var = ss / n;
+        invstd = 1.0 / sqrt(var + eps);
+        if (update) {
+            *run_mean = (float)((1.0 - momentum) * *run_mean + momentum * mean);
+            *run_var = (float)((1.0 - momentum) * *run_var + momentum * (n > 1 ? ss / (n - 1) : var));
+        }
+    } else {
+        mean_z = *run_mean - bo;
+        invstd = 1.0 / sqrt((double)*run_var + eps);
+    }
+    *mf = (float)mean_z;
+    *isf = (float)invstd;
+}
+
+/* The rest of a block's forward for one channel and the images [b0, b1), its normalisation
+ * known: zc (the channel's z, [B][Ho][Wo]) normalised in place, (zc - mf) * isf, with norm, or
+ * plus the bias bo with add_bias; then gamma * zhat + beta (g, bt), the dropout factor (mc:
+ * the channel's draws, or NULL), ReLU and the pool, into oc and ac (the channel's out and arg;
+ * ac may be NULL). tmp: 2*Ho*Wo floats. Each value is computed alone, so any split of the
+ * images gives the same numbers. */
+static void channel_forward(float *zc, int B, int Ho, int Wo, int norm, float mf, float isf, float g, float bt,
+                            int add_bias, float bo, const uint8_t *mc, int mask_bits, int threshold, float scale,
+                            int pool, float *oc, uint8_t *ac, float *tmp, int b0, int b1)
+{
+    (void)B;
+    const int HW = Ho * Wo;
+    const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
+    const long i0 = (long)b0 * HW, i1 = (long)b1 * HW;
+    if (add_bias) {
+#pragma omp simd
+        for (long i = i0; i < i1; i++)
+            zc[i] += bo;
+    }
+    if (!pool) { /* the whole range at once: gamma * zhat + beta (or z + bias), dropout, ReLU */
+        affine_dropout(oc + i0, zc + i0, i1 - i0, norm, mf, isf, g, bt, mc ? mc + i0 * (mask_bits / 8) : NULL,
+                       mask_bits, threshold, scale);
+        if (ac)
+            for (long i = i0; i < i1; i++)
+                ac[i] = !(oc[i] <= 0.0f) ? 0 : NO_GRAD; /* NaN passes, as in torch */
+#pragma omp simd
+        for (long i = i0; i < i1; i++)
+            oc[i] = oc[i] < 0.0f ? 0.0f : oc[i]; /* NaN passes, as in torch */
+        return;
+    }
+    for (int b = b0; b < b1; b++) {
+        float *zp = zc + (long)b * HW;
+        /* gamma * zhat + beta (or z + bias), times the dropout factor: into tmp */
+        const int finite = affine_dropout(tmp, zp, HW, norm, mf, isf, g, bt,
+                                          mc ? mc + (long)b * HW * (mask_bits / 8) : NULL, mask_bits, threshold,
+                                          scale) == 0.0f;
+        float *op = oc + (long)b * Hp * Wp;
+        uint8_t *ap = ac ? ac + (long)b * Hp * Wp : NULL;
+        if (pool == 2 && finite) {
+            pool2_relu(tmp, Wo, Hp, Wp, op, ap, tmp + HW);
+            continue;
+        }
+        for (int ip = 0; ip < Hp; ip++)
+            for (int jp = 0; jp < Wp; jp++) {
+                const float *w0 = tmp + (long)ip * pool * Wo + jp * pool;
+                float best = w0[0];
+                int where = 0;
+                for (int r = 0; r < pool; r++)
+                    for (int q = 0; q < pool; q++) {
+                        float v = w0[r * Wo + q];
+                        if (v > best || (isnan(v) && !isnan(best))) {
+                            best = v;
+                            where = r * pool + q;
+                        }
+                    }
+                op[ip * Wp + jp] = best < 0.0f ? 0.0f : best;
+                if (ap)
+                    ap[ip * Wp + jp] = !(best <= 0.0f) ? (uint8_t)where : NO_GRAD;
+            }
+    }
+}
+
 /* cl_block_forward for the channels [o0, o1): each channel's numbers are computed alone, in the
  * same order whatever the range (so splitting the channels between threads changes no bit) */
 static void block_forward_ch(float *z, int O, int B, int Ho, int Wo, const float *bias, const float *gamma,
@@ -445,84 +530,26 @@ static void block_forward_ch(float *z, int O, int B, int Ho, int Wo, const float
                              float scale, int pool, float *out, uint8_t *arg, float *tmp, int o0, int o1)
 {
     (void)O;
-    const int HW = Ho * Wo;
-    const long N = (long)B * HW;
-    const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
+    const long N = (long)B * Ho * Wo, outn = (long)B * (pool ? (Ho / pool) * (Wo / pool) : Ho * Wo);
     for (int o = o0; o < o1; o++) {
         float *zc = z + o * N;
         float g = 1.0f, bt = 0.0f, mf = 0.0f, isf = 1.0f; /* normalisation (with batch norm) and affine */
         const float bo = bias ? bias[o] : 0.0f;
-        if (gamma) {
-            /* statistics of z + bias; the bias shifts the mean only */
-            double mean_z, mean, invstd;
+        if (gamma) { /* statistics of z + bias; the bias shifts the mean only */
+            double mean_z = 0.0, ss = 0.0;
             if (batch_stats) {
                 mean_z = sum_f(zc, N) / N;
-                double ss = sum_sq_dev(zc, N, (float)mean_z);
-                mean = mean_z + bo;
-                double var = ss / N;
-                invstd = 1.0 / sqrt(var + eps);
-                run_mean[o] = (float)((1.0 - momentum) * run_mean[o] + momentum * mean);
-                run_var[o] = (float)((1.0 - momentum) * run_var[o] + momentum * (N > 1 ? ss / (N - 1) : var));
-            } else {
-                mean = run_mean[o];
-                mean_z = mean - bo;
-                invstd = 1.0 / sqrt((double)run_var[o] + eps);
+                ss = sum_sq_dev(zc, N, (float)mean_z);
             }
-            mf = (float)mean_z;
-            isf = (float)invstd;
+            bn_norm(batch_stats, mean_z, ss, N, bo, run_mean + o, run_var + o, 1, momentum, eps, &mf, &isf);
             if (invstd_out)
                 invstd_out[o] = isf;
             g = gamma[o];
             bt = beta[o];
-        } else if (bias) {
-#pragma omp simd
-            for (long i = 0; i < N; i++)
-                zc[i] += bo;
         }
-        const uint8_t *mc = mask ? mask + (long)o * N * (mask_bits / 8) : NULL; /* this channel's draws */
-        if (!pool) { /* the whole channel at once: gamma * zhat + beta (or z + bias), dropout, ReLU */
-            float *oc = out + (long)o * N;
-            affine_dropout(oc, zc, N, gamma != NULL, mf, isf, g, bt, mc, mask_bits, threshold, scale);
-            if (arg) {
-                uint8_t *ac = arg + (long)o * N;
-                for (long i = 0; i < N; i++)
-                    ac[i] = !(oc[i] <= 0.0f) ? 0 : NO_GRAD; /* NaN passes, as in torch */
-            }
-#pragma omp simd
-            for (long i = 0; i < N; i++)
-                oc[i] = oc[i] < 0.0f ? 0.0f : oc[i]; /* NaN passes, as in torch */
-            continue;
-        }
-        for (int b = 0; b < B; b++) {
-            float *zp = zc + (long)b * HW;
-            /* gamma * zhat + beta (or z + bias), times the dropout factor: into tmp */
-            const int finite = affine_dropout(tmp, zp, HW, gamma != NULL, mf, isf, g, bt,
-                                              mc ? mc + (long)b * HW * (mask_bits / 8) : NULL, mask_bits,
-                                              threshold, scale) == 0.0f;
-            float *op = out + ((long)o * B + b) * Hp * Wp;
-            uint8_t *ap = arg ? arg + ((long)o * B + b) * Hp * Wp : NULL;
-            if (pool == 2 && finite) {
-                pool2_relu(tmp, Wo, Hp, Wp, op, ap, tmp + HW);
-                continue;
-            }
-            for (int ip = 0; ip < Hp; ip++)
-                for (int jp = 0; jp < Wp; jp++) {
-                    const float *w0 = tmp + (long)ip * pool * Wo + jp * pool;
-                    float best = w0[0];
-                    int where = 0;
-                    for (int r = 0; r < pool; r++)
-                        for (int q = 0; q < pool; q++) {
-                            float v = w0[r * Wo + q];
-                            if (v > best || (isnan(v) && !isnan(best))) {
-                                best = v;
-                                where = r * pool + q;
-                            }
-                        }
-                    op[ip * Wp + jp] = best < 0.0f ? 0.0f : best;
-                    if (ap)
-                        ap[ip * Wp + jp] = !(best <= 0.0f) ? (uint8_t)where : NO_GRAD;
-                }
-        }
+        channel_forward(zc, B, Ho, Wo, gamma != NULL, mf, isf, g, bt, bias && !gamma, bo,
+                        mask ? mask + (long)o * N * (mask_bits / 8) : NULL, mask_bits, threshold, scale, pool,
+                        out + o * outn, arg ? arg + o * outn : NULL, tmp, 0, B);
     }
 }
 
@@ -552,44 +579,65 @@ void cl_block_backward(const float *gout, const uint8_t *arg, const float *zhat,
                       dbeta, dbias, 0, O);
 }
 
+/* The gradient of one channel's z before its batch norm's backward, for the images [b0, b1):
+ * gc (the channel's [B][Ho][Wo]) from go and ac (the channel's output gradient and arg),
+ * through the pool, the ReLU and the dropout (mc: the channel's draws, or NULL). Each value
+ * alone. */
+static void channel_backward(const float *go, const uint8_t *ac, float *gc, int Ho, int Wo, const uint8_t *mc,
+                             int mask_bits, int threshold, float scale, int pool, int b0, int b1)
+{
+    const int HW = Ho * Wo;
+    const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
+    const long i0 = (long)b0 * HW, i1 = (long)b1 * HW;
+    if (!pool) {
+#pragma omp simd
+        for (long i = i0; i < i1; i++)
+            gc[i] = ac[i] == NO_GRAD ? 0.0f : go[i];
+    }
+    for (int b = b0; pool && b < b1; b++) {
+        float *gp = gc + (long)b * HW;
+        const float *gi = go + (long)b * Hp * Wp;
+        const uint8_t *ap = ac + (long)b * Hp * Wp;
+        if (pool == 2) {
+            if (Ho % 2 || Wo % 2)
+                memset(gp, 0, sizeof(float) * HW);
+            pool2_backward(gi, ap, gp, Wo, Hp, Wp);
+        } else {
+            memset(gp, 0, sizeof(float) * HW);
+            for (int ip = 0; ip < Hp; ip++)
+                for (int jp = 0; jp < Wp; jp++) {
+                    int a = ap[ip * Wp + jp];
+                    if (a != NO_GRAD)
+                        gp[(ip * pool + a / pool) * Wo + jp * pool + a % pool] = gi[ip * Wp + jp];
+                }
+        }
+    }
+    if (mc)
+        mask_grad(gc + i0, i1 - i0, mc + i0 * (mask_bits / 8), mask_bits, threshold, scale);
+}
+
+/* A batch norm's backward for the values [i0, i1) of a channel, from the sums over the batch
+ * of g (sg) and of g * zhat (sgz), over n values: g = gamma * invstd * (g - sg/n - zhat * sgz/n) */
+static void bn_backward(float *gc, const float *zc, long i0, long i1, float gamma, float invstd, double sg,
+                        double sgz, long n)
+{
+    const float c = gamma * invstd, mg = (float)(sg / n), mgz = (float)(sgz / n);
+#pragma omp simd
+    for (long i = i0; i < i1; i++)
+        gc[i] = c * (gc[i] - mg - zc[i] * mgz);
+}
+
 /* cl_block_backward for the channels [o0, o1) (each channel alone, as block_forward_ch) */
 static void block_backward_ch(const float *gout, const uint8_t *arg, const float *zhat, float *gz, int B, int Ho,
                               int Wo, const uint8_t *mask, int mask_bits, int threshold, float scale, int pool,
                               const float *gamma, const float *invstd, float *dgamma, float *dbeta, float *dbias,
                               int o0, int o1)
 {
-    const int HW = Ho * Wo;
-    const long N = (long)B * HW;
-    const int Hp = pool ? Ho / pool : Ho, Wp = pool ? Wo / pool : Wo;
+    const long N = (long)B * Ho * Wo, outn = (long)B * (pool ? (Ho / pool) * (Wo / pool) : Ho * Wo);
     for (int o = o0; o < o1; o++) {
         float *gc = gz + o * N;
-        if (!pool) {
-            const float *go = gout + (long)o * N;
-            const uint8_t *ac = arg + (long)o * N;
-#pragma omp simd
-            for (long i = 0; i < N; i++)
-                gc[i] = ac[i] == NO_GRAD ? 0.0f : go[i];
-        }
-        for (int b = 0; pool && b < B; b++) {
-            float *gp = gc + (long)b * HW;
-            const float *go = gout + ((long)o * B + b) * Hp * Wp;
-            const uint8_t *ap = arg + ((long)o * B + b) * Hp * Wp;
-            if (pool == 2) {
-                if (Ho % 2 || Wo % 2)
-                    memset(gp, 0, sizeof(float) * HW);
-                pool2_backward(go, ap, gp, Wo, Hp, Wp);
-            } else {
-                memset(gp, 0, sizeof(float) * HW);
-                for (int ip = 0; ip < Hp; ip++)
-                    for (int jp = 0; jp < Wp; jp++) {
-                        int a = ap[ip * Wp + jp];
-                        if (a != NO_GRAD)
-                            gp[(ip * pool + a / pool) * Wo + jp * pool + a % pool] = go[ip * Wp + jp];
-                    }
-            }
-        }
-        if (mask)
-            mask_grad(gc, N, mask + (long)o * N * (mask_bits / 8), mask_bits, threshold, scale);
+        channel_backward(gout + o * outn, arg + o * outn, gc, Ho, Wo,
+                         mask ? mask + (long)o * N * (mask_bits / 8) : NULL, mask_bits, threshold, scale, pool, 0, B);
         if (gamma) {
             const float *zc = zhat + o * N;
             double sg, sgz;
@@ -598,10 +646,7 @@ static void block_backward_ch(const float *gout, const uint8_t *arg, const float
                 dbeta[o] = (float)sg;
             if (dgamma)
                 dgamma[o] = (float)sgz;
-            const float c = gamma[o] * invstd[o], mg = (float)(sg / N), mgz = (float)(sgz / N);
-#pragma omp simd
-            for (long i = 0; i < N; i++)
-                gc[i] = c * (gc[i] - mg - zc[i] * mgz);
+            bn_backward(gc, zc, 0, N, gamma[o], invstd[o], sg, sgz, N);
         }
         if (dbias)
             dbias[o] = (float)sum_f(gc, N);
@@ -666,21 +711,21 @@ static void conv1_forward(const float *x, const float *w, float *z, int B, int H
         conv1_forward_k(x, w, z, B, H, W, k, p, Ho, Wo, O, xp, b0, b1);
 }
 
-/* its weight gradient: dw[o][t] = sum over b, i, j of gz[o][b][i][j] * xp_b[i + di][j + dj],
- * in registers of 8 float lanes per image and channel, then added up in double, image after
- * image; for the output channels [o0, o1) (each channel's sums in the same order whatever the
- * range). */
-static inline __attribute__((always_inline)) void conv1_weight_grad_k(const float *x, const float *gz, float *dw,
-                                                                       int B, int H, int W, const int k, int p,
-                                                                       int Ho, int Wo, float *xp, double *total,
-                                                                       int o0, int o1)
+/* its weight gradient's sums over the images [b0, b1): total[o][t] = sum over b, i, j of
+ * gz[o][b][i][j] * xp_b[i + di][j + dj], for every output channel o, in registers of 8 float
+ * lanes per image and channel, then added up in double, image after image (total is
+ * overwritten). dw = (float)total, or the threads' totals added in thread order. */
+static inline __attribute__((always_inline)) void conv1_weight_grad_k(const float *x, const float *gz, int O, int B,
+                                                                       int H, int W, const int k, int p, int Ho,
+                                                                       int Wo, float *xp, double *total, int b0,
+                                                                       int b1)
 {
     const int xs = padded_cols(Wo, k), T = k * k;
-    for (int t = o0 * T; t < o1 * T; t++)
+    for (int t = 0; t < O * T; t++)
         total[t] = 0.0;
-    for (int b = 0; b < B; b++) {
+    for (int b = b0; b < b1; b++) {
         pad_plane(x + (long)b * H * W, xp, H, W, p, xs);
-        for (int o = o0; o < o1; o++) {
+        for (int o = 0; o < O; o++) {
             v8f acc[MAX_TAPS];
             for (int t = 0; t < T; t++)
                 acc[t] = (v8f){0};
@@ -703,17 +748,15 @@ static inline __attribute__((always_inline)) void conv1_weight_grad_k(const floa
             }
         }
     }
-    for (int t = o0 * T; t < o1 * T; t++)
-        dw[t] = (float)total[t];
 }
 
-static void conv1_weight_grad(const float *x, const float *gz, float *dw, int B, int H, int W, int k, int p, int Ho,
-                              int Wo, float *xp, double *total, int o0, int o1)
+static void conv1_weight_grad(const float *x, const float *gz, int O, int B, int H, int W, int k, int p, int Ho,
+                              int Wo, float *xp, double *total, int b0, int b1)
 {
     if (k == 3)
-        conv1_weight_grad_k(x, gz, dw, B, H, W, 3, p, Ho, Wo, xp, total, o0, o1);
+        conv1_weight_grad_k(x, gz, O, B, H, W, 3, p, Ho, Wo, xp, total, b0, b1);
     else
-        conv1_weight_grad_k(x, gz, dw, B, H, W, k, p, Ho, Wo, xp, total, o0, o1);
+        conv1_weight_grad_k(x, gz, O, B, H, W, k, p, Ho, Wo, xp, total, b0, b1);
 }
 
 /* ------------------------------------------------------------------ the whole training step
@@ -726,21 +769,21 @@ static void conv1_weight_grad(const float *x, const float *gz, float *dw, int B,
  * around ~100 small calls per step, about a quarter of a step at the lab's sizes.
  *
  * Threads (OpenMP, when the library was built with it; `nt` per call, 1 = no threads): one
- * parallel region per call, every pass shared out between the team with a barrier after it.
- * Nothing is ever summed across threads: each pass is split where its results do not
- * depend on the split,
- * - the image passes (channel-major copy, im2col, col2im, the direct first conv) by image;
- * - the per-channel passes (bias, batch statistics and their gradients, dropout, ReLU,
- *   max-pool, the first conv's weight gradient) by channel, each channel computed alone in
- *   the order one thread computes it;
- * - each matrix product by rows or columns of its output, every output element the same
- *   dot product (its full K) as in one call; BLAS runs one thread inside each worker
- *   (cl_set_blas_threads);
- * - Adam by elements; the dropout bytes are drawn by one thread, in one fixed order;
- * - the output layer, the loss and the predictions (a few thousand flops) by one thread.
- * So a given thread count gives the same numbers run after run, and they differ from one
- * thread's only where BLAS itself rounds a sub-block of a product differently from the whole
- * (tests/test_native_threads.py checks both; docs/performance.md says what this BLAS does).
+ * parallel region per call, with a barrier wherever a pass reads what other threads wrote.
+ * - Conv blocks are split by image: each thread takes the same images (share(B)) through
+ *   every conv block, forward and backward (im2col, the product, batch norm, dropout, ReLU,
+ *   pool, their gradients, col2im), so that each core keeps its own images' activations in
+ *   its own caches; threads exchange only sums. The batch statistics and their gradients'
+ *   sums, the bias gradient and the weight gradient are each thread's sums over its images,
+ *   added in thread order after a barrier: a fixed order, so a given thread count gives the
+ *   same numbers run after run. With one thread they are the plain sums, so one thread
+ *   computes exactly what it always has; with more, the sums are split, and the numbers differ
+ *   from one thread's by rounding (tests/test_native_threads.py checks both).
+ * - Fc blocks (a few hundred values per image) are split by rows or columns of each product
+ *   (every element the same dot product as in one call) and by channel for the rest.
+ * - BLAS runs one thread inside each worker (cl_set_blas_threads); Adam is split by
+ *   elements; the dropout bytes are drawn by thread 0 in one fixed order; the output layer,
+ *   the loss and the predictions (a few thousand flops) are one thread's.
  */
 
 typedef void (*cl_sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
@@ -876,22 +919,14 @@ static void gemm_team(const team *tm, cl_sgemm_fn f, int ta, int tb, int M, int 
     }
 }
 
-/* C[M][N] = op(A) B by the team, where B (not transposed) and C are [.][B images x hw]: each
- * thread computes the columns of its own images (share(B)), so that it reads only the
- * columns it wrote itself before (im2col) and writes only those it reads after (col2im),
- * with no barrier between; no barrier */
-static void gemm_images_team(const team *tm, cl_sgemm_fn f, int ta, int M, int K, const float *A, const float *B,
-                             float *C, int nimg, int hw)
+/* C[M][N] = op(A) B for the images [b0, b1), where B (not transposed) and C are [.][nimg
+ * images x hw]: those images' columns of C */
+static void gemm_images(cl_sgemm_fn f, int ta, int M, int K, const float *A, const float *B, float *C, int nimg,
+                        int hw, int b0, int b1)
 {
     const int N = nimg * hw;
-    if (tm->nt == 1) {
-        gemm(f, ta, 0, M, N, K, A, B, 0, C);
-        return;
-    }
-    int a, b;
-    share(nimg, tm, &a, &b);
-    if (b > a)
-        gemm_ld(f, ta, 0, M, (b - a) * hw, K, A, ta ? M : K, B + (long)a * hw, N, 0, C + (long)a * hw, N);
+    if (b1 > b0)
+        gemm_ld(f, ta, 0, M, (b1 - b0) * hw, K, A, ta ? M : K, B + (long)b0 * hw, N, 0, C + (long)b0 * hw, N);
 }
 
 /* [C][B][HW] (channel-major activations) <-> [C*HW][B] (features in NCHW flatten order), for
@@ -933,46 +968,88 @@ enum { P_WEIGHT, P_BIAS, P_GAMMA, P_BETA, P_RUN_MEAN, P_RUN_VAR, P_NUM_BATCHES,
        P_DWEIGHT, P_DBIAS, P_DGAMMA, P_DBETA, P_COUNT };
 
 /* FastDropout's draws are in NCHW order ([B][O][HW] units of `bytes`); the kernels read them
- * channel-major ([O][B][HW]); the channels [o0, o1) */
-static void mask_to_cm(const uint8_t *raw, uint8_t *cm, int B, long unit, int O, int o0, int o1)
+ * channel-major ([O][B][HW]); the channels [o0, o1) of the images [b0, b1) */
+static void mask_to_cm(const uint8_t *raw, uint8_t *cm, int B, long unit, int O, int o0, int o1, int b0, int b1)
 {
     for (int o = o0; o < o1; o++)
-        for (int b = 0; b < B; b++)
+        for (int b = b0; b < b1; b++)
             memcpy(cm + ((long)o * B + b) * unit, raw + ((long)b * O + o) * unit, unit);
 }
 
-/* Per-thread scratch of a call: tmp (2*Ho*Wo floats of the largest block) and the direct first
- * conv's padded plane, for each thread; the first conv's double weight-gradient sums, shared
- * (each thread sums its own channels). */
+/* The scratch of a call. Per thread: tmp (2*Ho*Wo floats of the largest block) and the
+ * direct first conv's padded plane. Shared, each thread writing its own row, the others
+ * reading after a barrier: part, each conv block's per-thread sums over the thread's images
+ * (PARTS per channel: [block][thread][PARTS][omax]); dwp, each thread's part of a conv
+ * weight gradient ([thread][wmax]); dwt, each thread's double sums of the direct first conv's
+ * weight gradient ([thread][O*k*k]). */
+enum { PART_SUM, PART_SS, PART_BIAS, PARTS };
+
 typedef struct {
-    float *tmp, *xpad;
-    long tmp_n, xpad_n;
-    double *dw_total;
+    float *tmp, *xpad, *dwp;
+    double *part, *dwt;
+    long tmp_n, xpad_n, omax, wmax, dwt_n;
+    int nt;
 } scratch;
 
 static int scratch_alloc(scratch *s, int nb, const cl_block *blk, int nt)
 {
+    s->nt = nt;
     s->tmp_n = 1;
-    for (int i = 0; i < nb; i++)
-        if (2L * blk[i].Ho * blk[i].Wo > s->tmp_n)
-            s->tmp_n = 2L * blk[i].Ho * blk[i].Wo;
+    s->omax = s->wmax = 1;
+    for (int i = 0; i < nb; i++) {
+        const cl_block *L = &blk[i];
+        if (2L * L->Ho * L->Wo > s->tmp_n)
+            s->tmp_n = 2L * L->Ho * L->Wo;
+        if (!L->fc && L->O > s->omax)
+            s->omax = L->O;
+        if (!L->fc && (long)L->O * L->C * L->k * L->k > s->wmax)
+            s->wmax = (long)L->O * L->C * L->k * L->k;
+    }
     s->tmp_n = (s->tmp_n + 15) / 16 * 16; /* each thread's own cache lines */
+    s->omax = (s->omax + 7) / 8 * 8;
+    s->wmax = (s->wmax + 15) / 16 * 16;
     const cl_block *L = &blk[0];
     s->xpad_n = L->direct ? ((long)(L->H + 2 * L->p) * padded_cols(L->Wo, L->k) + 15) / 16 * 16 : 0;
-    s->tmp = malloc(sizeof(float) * (s->tmp_n + s->xpad_n) * nt);
+    s->dwt_n = L->direct ? ((long)L->O * L->k * L->k + 7) / 8 * 8 : 0;
+    s->tmp = malloc(sizeof(float) * ((s->tmp_n + s->xpad_n) * nt + (nt > 1 ? s->wmax * nt : 0)));
     s->xpad = s->tmp ? s->tmp + s->tmp_n * nt : NULL;
-    s->dw_total = L->direct ? malloc(sizeof(double) * L->O * L->k * L->k) : NULL;
-    if (s->tmp && (s->dw_total || !L->direct))
+    s->dwp = s->tmp ? s->xpad + s->xpad_n * nt : NULL;
+    s->part = malloc(sizeof(double) * ((long)nb * nt * PARTS * s->omax + s->dwt_n * nt + 1));
+    s->dwt = s->part ? s->part + (long)nb * nt * PARTS * s->omax : NULL;
+    if (s->tmp && s->part)
         return 0;
-    free(s->tmp), free(s->dw_total);
+    free(s->tmp), free(s->part);
     return -1;
 }
 
-static void scratch_free(scratch *s) { free(s->tmp), free(s->dw_total); }
+static void scratch_free(scratch *s) { free(s->tmp), free(s->part); }
+
+/* block i's sums of kind `which` by thread t, one per channel */
+static inline double *part_of(const scratch *sc, int i, int t, int which)
+{
+    return sc->part + (((long)i * sc->nt + t) * PARTS + which) * sc->omax;
+}
+
+/* channel o's sum of kind `which` over the batch: the threads' sums added in thread order
+ * (with one thread, that thread's sum itself) */
+static inline double part_total(const scratch *sc, int i, int which, int o)
+{
+    double s = part_of(sc, i, 0, which)[o];
+    for (int t = 1; t < sc->nt; t++)
+        s += part_of(sc, i, t, which)[o];
+    return s;
+}
 
 /* The image x [B][C][H][W] to the last block's output (returned, in that block's `out`):
- * every block forward, by the team (the dropout bytes drawn by thread 0). Shared by the
- * training step and the forward pass. Ends with a barrier. */
+ * every block forward, by the team. Shared by the training step and the forward pass. Ends
+ * with a barrier.
+ * - A conv block: each thread takes its own images (share(B), the same in every block and in
+ *   backward) from the block's input to its output, so that their activations stay in its
+ *   core's caches; a batch norm's statistics from the threads' sums over their images, added
+ *   in thread order (two barriers).
+ * - An fc block (a few hundred values per image): the product by rows or columns, the rest by
+ *   channel.
+ * - The dropout bytes: drawn by thread 0 for the whole batch, in one fixed order. */
 static const float *forward_team(const team *tm, int nb, cl_block *blk, void **ptrs, const uint64_t *seeds,
                                  const float *x, int B, float *xcm, const scratch *sc, cl_sgemm_fn sgemm)
 {
@@ -980,50 +1057,92 @@ static const float *forward_team(const team *tm, int nb, cl_block *blk, void **p
     /* the image, channel-major */
     const cl_block *b0 = &blk[0];
     const int Cin = b0->fc ? b0->flatten : b0->C, HWin = b0->fc ? b0->flat_hw : b0->H * b0->W;
-    int lo, hi;
-    share(B, tm, &lo, &hi);
+    int ilo, ihi, lo, hi;
+    share(B, tm, &ilo, &ihi);
     for (int c = 0; c < Cin; c++)
-        for (int b = lo; b < hi; b++)
+        for (int b = ilo; b < ihi; b++)
             memcpy(xcm + ((long)c * B + b) * HWin, x + ((long)b * Cin + c) * HWin, sizeof(float) * HWin);
-    if (b0->fc) /* flatten_cm reads every image; a conv block only this thread's (share(B) again) */
+    if (b0->fc) /* flatten_cm reads every image; a conv block only this thread's */
         team_sync(tm);
     const float *h = xcm;
     int si = 0;
     for (int i = 0; i < nb; i++) {
         cl_block *L = &blk[i];
         void **P = ptrs + (long)i * P_COUNT;
-        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k;
-        const float *cols = h;
-        if (L->fc && L->flatten) {
-            share(L->flatten, tm, &lo, &hi);
-            flatten_cm(h, L->feats, B, L->flat_hw, lo, hi);
-            cols = L->feats;
-            team_sync(tm);
-        } else if (L->direct) {
-            share(B, tm, &lo, &hi);
-            conv1_forward(h, P[P_WEIGHT], L->z, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad, lo, hi);
-        } else if (!L->fc) {
-            share(B, tm, &lo, &hi);
-            im2col_range(h, L->cols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, lo, hi);
-            gemm_images_team(tm, sgemm, 0, L->O, CK, P[P_WEIGHT], L->cols, L->z, B, L->Ho * L->Wo);
-        }
-        if (L->fc)
-            gemm_team(tm, sgemm, 0, 0, L->O, N, CK, P[P_WEIGHT], cols, L->z);
-        const long unit = (long)L->Ho * L->Wo * (L->mask_bits / 8);
+        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k, HW = L->Ho * L->Wo;
+        const long unit = (long)HW * (L->mask_bits / 8);
+        const float *gamma = P[P_GAMMA], *bias = P[P_BIAS];
         if (L->mask_bits && tm->t == 0)
             cl_random_bytes(L->mask_raw, unit * B * L->O, seeds[si]);
         si += L->mask_bits != 0;
-        team_sync(tm);
-        share(L->O, tm, &lo, &hi);
-        if (L->mask_bits)
-            mask_to_cm(L->mask_raw, L->mask, B, unit, L->O, lo, hi);
-        block_forward_ch(L->z, L->O, B, L->Ho, L->Wo, P[P_BIAS], P[P_GAMMA], P[P_BETA], P[P_RUN_MEAN], P[P_RUN_VAR],
-                         L->batch_stats, L->momentum, L->eps, L->invstd, L->mask_bits ? L->mask : NULL,
-                         L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, L->out, L->arg, tmp, lo,
-                         hi);
-        if (tm->t == 0 && P[P_GAMMA] && L->batch_stats && P[P_NUM_BATCHES])
+        if (tm->t == 0 && gamma && L->batch_stats && P[P_NUM_BATCHES])
             *(int64_t *)P[P_NUM_BATCHES] += 1;
-        team_sync(tm);
+        if (L->fc) {
+            const float *cols = h;
+            if (L->flatten) {
+                share(L->flatten, tm, &lo, &hi);
+                flatten_cm(h, L->feats, B, L->flat_hw, lo, hi);
+                cols = L->feats;
+                team_sync(tm);
+            }
+            gemm_team(tm, sgemm, 0, 0, L->O, N, CK, P[P_WEIGHT], cols, L->z);
+            team_sync(tm);
+            share(L->O, tm, &lo, &hi);
+            if (L->mask_bits)
+                mask_to_cm(L->mask_raw, L->mask, B, unit, L->O, lo, hi, 0, B);
+            block_forward_ch(L->z, L->O, B, L->Ho, L->Wo, bias, gamma, P[P_BETA], P[P_RUN_MEAN], P[P_RUN_VAR],
+                             L->batch_stats, L->momentum, L->eps, L->invstd, L->mask_bits ? L->mask : NULL,
+                             L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, L->out, L->arg, tmp,
+                             lo, hi);
+            team_sync(tm);
+            h = L->out;
+            continue;
+        }
+        /* a conv block, this thread's images: the product, */
+        if (L->direct) {
+            conv1_forward(h, P[P_WEIGHT], L->z, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad, ilo, ihi);
+        } else {
+            im2col_range(h, L->cols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, ilo, ihi);
+            gemm_images(sgemm, 0, L->O, CK, P[P_WEIGHT], L->cols, L->z, B, HW, ilo, ihi);
+        }
+        /* the batch's statistics, */
+        const int stats = gamma && L->batch_stats;
+        const long i0 = (long)ilo * HW, n_own = (long)(ihi - ilo) * HW;
+        if (stats) {
+            double *ps = part_of(sc, i, tm->t, PART_SUM), *pq = part_of(sc, i, tm->t, PART_SS);
+            for (int o = 0; o < L->O; o++)
+                ps[o] = sum_f(L->z + (long)o * N + i0, n_own);
+            team_sync(tm);
+            for (int o = 0; o < L->O; o++)
+                pq[o] = sum_sq_dev(L->z + (long)o * N + i0, n_own, (float)(part_total(sc, i, PART_SUM, o) / N));
+            team_sync(tm);
+        } else if (L->mask_bits) {
+            team_sync(tm); /* thread 0's dropout bytes */
+        }
+        /* then normalisation, dropout, ReLU and pool */
+        const long outn = (long)B * (L->pool ? (L->Ho / L->pool) * (L->Wo / L->pool) : HW);
+        for (int o = 0; o < L->O; o++) {
+            float g = 1.0f, bt = 0.0f, mf = 0.0f, isf = 1.0f;
+            const float bo = bias ? bias[o] : 0.0f;
+            if (gamma) {
+                const double mean_z = stats ? part_total(sc, i, PART_SUM, o) / N : 0.0;
+                const double ss = stats ? part_total(sc, i, PART_SS, o) : 0.0;
+                bn_norm(L->batch_stats, mean_z, ss, N, bo, (float *)P[P_RUN_MEAN] + o, (float *)P[P_RUN_VAR] + o,
+                        tm->t == 0, L->momentum, L->eps, &mf, &isf);
+                if (tm->t == 0)
+                    L->invstd[o] = isf;
+                g = gamma[o];
+                bt = ((const float *)P[P_BETA])[o];
+            }
+            if (L->mask_bits)
+                mask_to_cm(L->mask_raw, L->mask, B, unit, L->O, o, o + 1, ilo, ihi);
+            channel_forward(L->z + (long)o * N, B, L->Ho, L->Wo, gamma != NULL, mf, isf, g, bt, bias && !gamma, bo,
+                            L->mask_bits ? L->mask + (long)o * N * (L->mask_bits / 8) : NULL, L->mask_bits,
+                            L->threshold, L->scale, L->pool, L->out + o * outn, L->arg ? L->arg + o * outn : NULL,
+                            tmp, ilo, ihi);
+        }
+        if (i == nb - 1 || blk[i + 1].fc) /* what comes next reads every image */
+            team_sync(tm);
         h = L->out;
     }
     return h;
@@ -1152,41 +1271,105 @@ static void step_team(const team *tm, int nb, cl_block *blk, void **ptrs, const 
         }
     }
     team_sync(tm);
-    int lo, hi;
+    int ilo, ihi, lo, hi;
+    share(B, tm, &ilo, &ihi);
     for (int i = nb - 1; i >= 0; i--) {
         cl_block *L = &blk[i];
         void **P = ptrs + (long)i * P_COUNT;
-        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k;
-        share(L->O, tm, &lo, &hi);
-        block_backward_ch(L->gout, L->arg, L->z, L->gz, B, L->Ho, L->Wo, L->mask_bits ? L->mask : NULL,
-                          L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, P[P_GAMMA], L->invstd,
-                          P[P_DGAMMA], P[P_DBETA], P[P_BIAS] ? P[P_DBIAS] : NULL, lo, hi);
-        team_sync(tm);
-        const float *cols = L->fc ? (L->flatten ? L->feats : (i ? blk[i - 1].out : xcm)) : L->cols;
-        if (P[P_DWEIGHT] && L->direct)
-            conv1_weight_grad(xcm, L->gz, P[P_DWEIGHT], B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, xpad, sc->dw_total,
-                              lo, hi);
-        else if (P[P_DWEIGHT])
-            gemm_team(tm, sgemm, 0, 1, L->O, CK, N, L->gz, cols, P[P_DWEIGHT]);
-        if (i == 0)
-            break;
-        cl_block *prev = &blk[i - 1];
-        if (L->fc && !L->flatten) {
-            gemm_team(tm, sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, prev->gout);
+        const int N = B * L->Ho * L->Wo, CK = L->C * L->k * L->k, HW = L->Ho * L->Wo;
+        const float *gamma = P[P_GAMMA];
+        float *dbias = P[P_BIAS] ? P[P_DBIAS] : NULL;
+        cl_block *prev = i ? &blk[i - 1] : NULL;
+        if (L->fc) { /* by channel, then the products by rows or columns */
+            share(L->O, tm, &lo, &hi);
+            block_backward_ch(L->gout, L->arg, L->z, L->gz, B, L->Ho, L->Wo, L->mask_bits ? L->mask : NULL,
+                              L->mask_bits ? L->mask_bits : 8, L->threshold, L->scale, L->pool, gamma, L->invstd,
+                              P[P_DGAMMA], P[P_DBETA], dbias, lo, hi);
+            team_sync(tm);
+            const float *cols = L->flatten ? L->feats : (i ? prev->out : xcm);
+            if (P[P_DWEIGHT])
+                gemm_team(tm, sgemm, 0, 1, L->O, CK, N, L->gz, cols, P[P_DWEIGHT]);
+            if (i == 0)
+                break;
+            if (!L->flatten) {
+                gemm_team(tm, sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, prev->gout);
+            } else {
+                gemm_team(tm, sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, L->dcols);
+                team_sync(tm);
+                share(L->flatten, tm, &lo, &hi);
+                unflatten_cm(L->dcols, prev->gout, B, L->flat_hw, lo, hi);
+            }
             team_sync(tm);
             continue;
         }
-        if (L->fc) {
-            gemm_team(tm, sgemm, 1, 0, CK, N, L->O, P[P_WEIGHT], L->gz, L->dcols);
-            team_sync(tm);
-            share(L->flatten, tm, &lo, &hi);
-            unflatten_cm(L->dcols, prev->gout, B, L->flat_hw, lo, hi);
-        } else { /* this thread's images: their columns, then col2im of the same columns */
-            gemm_images_team(tm, sgemm, 1, CK, L->O, P[P_WEIGHT], L->gz, L->dcols, B, L->Ho * L->Wo);
-            share(B, tm, &lo, &hi);
-            col2im_range(L->dcols, prev->gout, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, lo, hi);
+        /* a conv block, this thread's images (as forward): the gradient of z, and its sums */
+        const long i0 = (long)ilo * HW, n_own = (long)(ihi - ilo) * HW;
+        const long outn = (long)B * (L->pool ? (L->Ho / L->pool) * (L->Wo / L->pool) : HW);
+        double *ps = part_of(sc, i, tm->t, PART_SUM), *pq = part_of(sc, i, tm->t, PART_SS);
+        for (int o = 0; o < L->O; o++) {
+            float *gc = L->gz + (long)o * N;
+            channel_backward(L->gout + o * outn, L->arg + o * outn, gc, L->Ho, L->Wo,
+                             L->mask_bits ? L->mask + (long)o * N * (L->mask_bits / 8) : NULL, L->mask_bits,
+                             L->threshold, L->scale, L->pool, ilo, ihi);
+            if (gamma)
+                sum_g_gz(gc + i0, L->z + (long)o * N + i0, n_own, ps + o, pq + o);
+        }
+        /* always a barrier here: it also orders the previous block's reduction (below) of dwp
+         * before this block's writes to it */
+        team_sync(tm);
+        double *pb = part_of(sc, i, tm->t, PART_BIAS);
+        for (int o = 0; o < L->O; o++) {
+            float *gc = L->gz + (long)o * N;
+            if (gamma) {
+                const double sg = part_total(sc, i, PART_SUM, o), sgz = part_total(sc, i, PART_SS, o);
+                if (tm->t == 0 && P[P_DBETA])
+                    ((float *)P[P_DBETA])[o] = (float)sg;
+                if (tm->t == 0 && P[P_DGAMMA])
+                    ((float *)P[P_DGAMMA])[o] = (float)sgz;
+                bn_backward(gc, L->z + (long)o * N, i0, i0 + n_own, gamma[o], L->invstd[o], sg, sgz, N);
+            }
+            if (dbias)
+                pb[o] = sum_f(gc + i0, n_own);
+        }
+        /* the weight gradient over this thread's images (the threads' parts added below), */
+        const int T = L->k * L->k;
+        if (P[P_DWEIGHT] && L->direct)
+            conv1_weight_grad(xcm, L->gz, L->O, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, xpad,
+                              sc->dwt + sc->dwt_n * tm->t, ilo, ihi);
+        else if (P[P_DWEIGHT] && tm->nt == 1)
+            gemm(sgemm, 0, 1, L->O, CK, N, L->gz, L->cols, 0, P[P_DWEIGHT]);
+        else if (P[P_DWEIGHT])
+            gemm_ld(sgemm, 0, 1, L->O, CK, (int)n_own, L->gz + i0, N, L->cols + i0, N, 0, sc->dwp + sc->wmax * tm->t,
+                    CK);
+        /* and the input's gradient: these images' columns, then col2im of the same columns */
+        if (i > 0) {
+            gemm_images(sgemm, 1, CK, L->O, P[P_WEIGHT], L->gz, L->dcols, B, HW, ilo, ihi);
+            col2im_range(L->dcols, prev->gout, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, ilo, ihi);
         }
         team_sync(tm);
+        /* the threads' parts added in thread order (no barrier after: the next block touches
+         * none of it, and the step ends with one) */
+        if (dbias && tm->t == 0)
+            for (int o = 0; o < L->O; o++)
+                dbias[o] = (float)part_total(sc, i, PART_BIAS, o);
+        float *dw = P[P_DWEIGHT];
+        if (dw && L->direct) {
+            share(L->O * T, tm, &lo, &hi);
+            for (int j = lo; j < hi; j++) {
+                double s = sc->dwt[j];
+                for (int t = 1; t < tm->nt; t++)
+                    s += sc->dwt[sc->dwt_n * t + j];
+                dw[j] = (float)s;
+            }
+        } else if (dw && tm->nt > 1) {
+            share(L->O * CK, tm, &lo, &hi);
+            for (int j = lo; j < hi; j++) {
+                float s = sc->dwp[j];
+                for (int t = 1; t < tm->nt; t++)
+                    s += sc->dwp[sc->wmax * t + j];
+                dw[j] = s;
+            }
+        }
     }
     team_sync(tm);
 }
