@@ -8,6 +8,7 @@ import torch & co. only inside their run function, so `cnnlab --help` stays fast
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -55,5 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> None:
+    """The `cnnlab` console script (and `python -m cnnlab.cli`): main(), then exit.
+
+    Before exiting, gc.freeze(): everything main() wrote is closed and on disk, and the
+    interpreter's exit would otherwise run a last garbage collection over every object
+    torch created at import, about 0.25 s per process here (8% of a one-epoch `cnnlab
+    train`). atexit handlers still run and the memory still goes back to the system. Only
+    here, not in main(), which tests and notebooks call in a process that goes on."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
