@@ -459,11 +459,11 @@ class TrainStep:
     With backward=False the plan only runs the forward pass (forward(); kernels.c's
     cl_forward), for evaluation without autograd, and holds no gradient buffers.
 
-    threads: the C step's threads (each pass shared out between them, kernels.c); default
-    native.threads() when the plan is built: torch.get_num_threads(), unless
+    threads: the C step's threads (the batch's images shared out between them, kernels.c);
+    default native.threads() when the plan is built: torch.get_num_threads(), unless
     native.set_threads() said otherwise, and 1 without OpenMP. A thread count gives the same
-    numbers every time; other counts round differently only where BLAS rounds a part of a
-    matrix product differently from the whole (docs/performance.md, issue 18)."""
+    numbers every time; other counts add the batch's sums in other parts, so they round
+    differently (docs/performance.md, issue 18)."""
 
     def __init__(self, blocks: list[BlockParts], head: torch.nn.Linear, in_shape, batch: int, lib, sgemm: int,
                  backward: bool = True, threads: int | None = None):

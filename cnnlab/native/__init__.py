@@ -11,7 +11,7 @@ same network with torch's kernels (cnnlab.fastops): the same math, slower, and r
 different order. `describe()` says which, and every run records it in result.json.
 
 Threads: the library is built with OpenMP (-fopenmp) where the compiler can, and then the
-C training step (fastops.TrainStep) shares each of its passes out between `threads()`
+C training step (fastops.TrainStep) shares the batch's images out between `threads()`
 threads: torch.get_num_threads() when the plan is built, unless set_threads() says
 otherwise. torch is imported before the library is loaded, so the kernels use torch's own
 OpenMP runtime (its libgomp.so.1), and BLAS runs one thread inside each worker
