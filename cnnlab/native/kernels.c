@@ -348,57 +348,143 @@ static void mask_grad(float *g, long n, const void *m, int bits, int threshold, 
     }
 }
 
+/* 2x2 max-pool then ReLU, and its gradient, a vector of n = 8 or 4 windows at a time (GCC/Clang
+ * vector extensions: comparisons give lanes of -1 or 0, which select by bit masks). A row of
+ * Wp >= n windows takes vectors at j = 0, n, ..., the last one at Wp - n, overlapping the one
+ * before: each window's result is computed alone, so a window computed twice is written twice
+ * with the same value, and no scalar loop tail is left (rows of 14 and 6 windows in the lab,
+ * where a scalar tail took most of the time). */
+typedef int v8i __attribute__((vector_size(32)));
+typedef int v4i __attribute__((vector_size(16)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef uint8_t v4b __attribute__((vector_size(4)));
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+#define UNPAREN(...) __VA_ARGS__
+#ifdef HAS_SHUFFLEVECTOR
+#define SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+#ifdef HAS_SHUFFLEVECTOR
+#define SHUF4(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF4(a, b, ...) __builtin_shuffle(a, b, (v4i){__VA_ARGS__})
+#endif
+
+/* POOL2_KERNELS(n, vf, vi, vb, SHUF, even, odd, lo, hi) defines pool2_fwd_<n> and
+ * pool2_bwd_<n>: even/odd pick the even and odd lanes of two vectors, lo/hi interleave two
+ * vectors' first and second halves. */
+#define POOL2_KERNELS(n, vf, vi, vb, SHUF, EVEN, ODD, LO, HI)                                                    \
+    static inline vf sel_##n(vi m, vf x, vf y) { return (vf)(((vi)x & m) | ((vi)y & ~m)); }                   \
+    /* windows [j, j + n) of the row pair r0, r1: outputs to o, winners' places to g (or NULL) */             \
+    static inline void pool2_fwd_##n(const float *r0, const float *r1, int j, float *o, uint8_t *g)           \
+    {                                                                                                          \
+        vf p0, p1, q0, q1;                                                                                     \
+        memcpy(&p0, r0 + 2 * j, sizeof p0);                                                                    \
+        memcpy(&p1, r0 + 2 * j + n, sizeof p1);                                                                \
+        memcpy(&q0, r1 + 2 * j, sizeof q0);                                                                    \
+        memcpy(&q1, r1 + 2 * j + n, sizeof q1);                                                                \
+        const vf a = SHUF(p0, p1, UNPAREN EVEN), b = SHUF(p0, p1, UNPAREN ODD), c = SHUF(q0, q1, UNPAREN EVEN), d = SHUF(q0, q1, UNPAREN ODD); \
+        const vi i0 = b > a, i1 = d > c; /* -1 where the right one wins */                                     \
+        const vf m0 = sel_##n(i0, b, a), m1 = sel_##n(i1, d, c);                                               \
+        const vi lower = m1 > m0;                                                                              \
+        const vf best = sel_##n(lower, m1, m0), zero = {0};                                                    \
+        const vi pos = best > zero;                                                                            \
+        const vf out = (vf)((vi)best & pos);                                                                   \
+        memcpy(o + j, &out, sizeof out);                                                                       \
+        if (g) {                                                                                               \
+            const vi place = (lower & (2 - i1)) | (~lower & -i0);                                              \
+            const vb w = __builtin_convertvector((place & pos) | (NO_GRAD & ~pos), vb);                        \
+            memcpy(g + j, &w, sizeof w);                                                                       \
+        }                                                                                                      \
+    }                                                                                                          \
+    /* the gradient of windows [j, j + n): go's values at their winners' places in r0, r1, else 0 */        \
+    static inline void pool2_bwd_##n(const float *go, const uint8_t *ap, int j, float *r0, float *r1)        \
+    {                                                                                                          \
+        vf gv;                                                                                                 \
+        vb ab;                                                                                                 \
+        memcpy(&gv, go + j, sizeof gv);                                                                        \
+        memcpy(&ab, ap + j, sizeof ab);                                                                        \
+        const vi a = __builtin_convertvector(ab, vi);                                                          \
+        const vf zero = {0};                                                                                   \
+        const vf w0 = sel_##n(a == 0, gv, zero), w1 = sel_##n(a == 1, gv, zero);                               \
+        const vf w2 = sel_##n(a == 2, gv, zero), w3 = sel_##n(a == 3, gv, zero);                               \
+        const vf s0 = SHUF(w0, w1, UNPAREN LO), s1 = SHUF(w0, w1, UNPAREN HI), t0 = SHUF(w2, w3, UNPAREN LO), t1 = SHUF(w2, w3, UNPAREN HI);   \
+        memcpy(r0 + 2 * j, &s0, sizeof s0);                                                                    \
+        memcpy(r0 + 2 * j + n, &s1, sizeof s1);                                                                \
+        memcpy(r1 + 2 * j, &t0, sizeof t0);                                                                    \
+        memcpy(r1 + 2 * j + n, &t1, sizeof t1);                                                                \
+    }
+
+POOL2_KERNELS(8, v8f, v8i, v8b, SHUF8, (0, 2, 4, 6, 8, 10, 12, 14), (1, 3, 5, 7, 9, 11, 13, 15),
+              (0, 8, 1, 9, 2, 10, 3, 11), (4, 12, 5, 13, 6, 14, 7, 15))
+POOL2_KERNELS(4, v4f, v4i, v4b, SHUF4, (0, 2, 4, 6), (1, 3, 5, 7), (0, 4, 1, 5), (2, 6, 3, 7))
+
+/* one window, scalar: for rows of fewer than 4 windows */
+static inline void pool2_fwd_1(const float *r0, const float *r1, int j, float *o, uint8_t *g)
+{
+    const float a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
+    const float m0 = b > a ? b : a, m1 = d > c ? d : c, best = m1 > m0 ? m1 : m0;
+    o[j] = best > 0.0f ? best : 0.0f;
+    if (g)
+        g[j] = best > 0.0f ? (m1 > m0 ? 2 + (d > c) : (b > a)) : NO_GRAD;
+}
+
+static inline void pool2_bwd_1(const float *go, const uint8_t *ap, int j, float *r0, float *r1)
+{
+    const int a = ap[j];
+    r0[2 * j] = a == 0 ? go[j] : 0.0f;
+    r0[2 * j + 1] = a == 1 ? go[j] : 0.0f;
+    r1[2 * j] = a == 2 ? go[j] : 0.0f;
+    r1[2 * j + 1] = a == 3 ? go[j] : 0.0f;
+}
+
 /* The gradient of pool2_relu for one plane: each window gets its output's gradient at the
- * winning element and 0 elsewhere. Rows and columns past the last window must be zero
- * already. Each output row is first spread to full width (ew: the winner's place minus the
- * column's parity, ev: the gradient), so that the writing loop is contiguous and
- * vectorises: scattered stores were 3x slower here. */
-#define CHUNK 64
+ * winning element and 0 elsewhere (go, ap: the pooled plane's gradient and arg). Rows and
+ * columns past the last window must be zero already. */
 static void pool2_backward(const float *go, const uint8_t *ap, float *gp, int Wo, int Hp, int Wp)
 {
-    float ew[2 * CHUNK], ev[2 * CHUNK];
     for (int ip = 0; ip < Hp; ip++) {
-        float *g0 = gp + (long)2 * ip * Wo, *g1 = g0 + Wo;
+        float *r0 = gp + (long)2 * ip * Wo, *r1 = r0 + Wo;
         const float *gi = go + (long)ip * Wp;
         const uint8_t *a = ap + (long)ip * Wp;
-        for (int j0 = 0; j0 < Wp; j0 += CHUNK) {
-            const int n = 2 * (Wp - j0 < CHUNK ? Wp - j0 : CHUNK);
-            for (int jj = 0; jj < n; jj++) {
-                ew[jj] = (float)a[j0 + (jj >> 1)] - (float)(jj & 1);
-                ev[jj] = gi[j0 + (jj >> 1)];
-            }
-            float *r0 = g0 + 2 * j0, *r1 = g1 + 2 * j0;
-#pragma omp simd
-            for (int jj = 0; jj < n; jj++) {
-                r0[jj] = ew[jj] == 0.0f ? ev[jj] : 0.0f;
-                r1[jj] = ew[jj] == 2.0f ? ev[jj] : 0.0f;
-            }
+        if (Wp >= 8) {
+            for (int j = 0; j + 8 < Wp; j += 8)
+                pool2_bwd_8(gi, a, j, r0, r1);
+            pool2_bwd_8(gi, a, Wp - 8, r0, r1);
+        } else if (Wp >= 4) {
+            pool2_bwd_4(gi, a, 0, r0, r1);
+            pool2_bwd_4(gi, a, Wp - 4, r0, r1);
+        } else {
+            for (int j = 0; j < Wp; j++)
+                pool2_bwd_1(gi, a, j, r0, r1);
         }
     }
 }
 
-/* 2x2 max-pool, then ReLU, of one finite plane (row length Wo), written branch-free in
- * float arithmetic so that it vectorises. Ties go to the first element in row-major order.
- * wf: scratch of Wp floats. */
-static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8_t *arg, float *wf)
+/* 2x2 max-pool, then ReLU, of one finite plane (row length Wo) into out (Hp x Wp), and each
+ * window's winner into arg (or NULL): ties go to the first element in row-major order, as in
+ * torch */
+static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8_t *arg)
 {
     for (int ip = 0; ip < Hp; ip++) {
         const float *r0 = v + (long)2 * ip * Wo, *r1 = r0 + Wo;
         float *o = out + (long)ip * Wp;
-#pragma omp simd
-        for (int j = 0; j < Wp; j++) {
-            float a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
-            float i0 = b > a ? 1.0f : 0.0f, i1 = d > c ? 1.0f : 0.0f;
-            float m0 = b > a ? b : a, m1 = d > c ? d : c;
-            float lower = m1 > m0 ? 1.0f : 0.0f;
-            float best = m1 > m0 ? m1 : m0;
-            o[j] = best > 0.0f ? best : 0.0f;
-            wf[j] = best > 0.0f ? lower * (2.0f + i1) + (1.0f - lower) * i0 : (float)NO_GRAD;
-        }
-        if (arg) {
-            uint8_t *g = arg + (long)ip * Wp;
+        uint8_t *g = arg ? arg + (long)ip * Wp : NULL;
+        if (Wp >= 8) {
+            for (int j = 0; j + 8 < Wp; j += 8)
+                pool2_fwd_8(r0, r1, j, o, g);
+            pool2_fwd_8(r0, r1, Wp - 8, o, g);
+        } else if (Wp >= 4) {
+            pool2_fwd_4(r0, r1, 0, o, g);
+            pool2_fwd_4(r0, r1, Wp - 4, o, g);
+        } else {
             for (int j = 0; j < Wp; j++)
-                g[j] = (uint8_t)wf[j];
+                pool2_fwd_1(r0, r1, j, o, g);
         }
     }
 }
@@ -499,7 +585,7 @@ static void channel_forward(float *zc, int B, int Ho, int Wo, int norm, float mf
         float *op = oc + (long)b * Hp * Wp;
         uint8_t *ap = ac ? ac + (long)b * Hp * Wp : NULL;
         if (pool == 2 && finite) {
-            pool2_relu(tmp, Wo, Hp, Wp, op, ap, tmp + HW);
+            pool2_relu(tmp, Wo, Hp, Wp, op, ap);
             continue;
         }
         for (int ip = 0; ip < Hp; ip++)
