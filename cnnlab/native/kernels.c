@@ -88,6 +88,42 @@ static inline v8f load8(const float *p)
     return v;
 }
 
+/* the first n < 8 lanes of a vector from p (the rest 0), and to p: each n its own memcpy of a
+ * constant size, which compiles to a few moves (a memcpy of a variable size became a loop
+ * of 4-byte moves, most of a row's time where a row ends in a part of a vector) */
+#define PARTIAL8(n, CASE) \
+    switch (n) {          \
+    case 1: CASE(1);      \
+        break;            \
+    case 2: CASE(2);      \
+        break;            \
+    case 3: CASE(3);      \
+        break;            \
+    case 4: CASE(4);      \
+        break;            \
+    case 5: CASE(5);      \
+        break;            \
+    case 6: CASE(6);      \
+        break;            \
+    default: CASE(7);     \
+    }
+
+static inline v8f load_part8(const float *p, int n)
+{
+    v8f v = {0};
+#define LOAD_CASE(m) memcpy(&v, p, sizeof(float) * (m))
+    PARTIAL8(n, LOAD_CASE)
+#undef LOAD_CASE
+    return v;
+}
+
+static inline void store_part8(float *p, v8f v, int n)
+{
+#define STORE_CASE(m) memcpy(p, &v, sizeof(float) * (m))
+    PARTIAL8(n, STORE_CASE)
+#undef STORE_CASE
+}
+
 /* dst[0:n] = src[0:n] for the short rows of a conv (n = 12 or 4 in the lab): 8 and 4 floats at
  * a time, the last chunk overlapping the one before, so that no loop tail is left (a loop
  * spent more on its length tests than on the copy) */
@@ -779,9 +815,9 @@ static inline __attribute__((always_inline)) void conv1_forward_k(const float *x
                         acc += src[t] * wo[t];
                     float *dst = z + (((long)o * B + b) * Ho + i) * Wo + j;
                     if (n == 8)
-                        memcpy(dst, &acc, sizeof acc); /* a constant size: one store, not a call */
+                        memcpy(dst, &acc, sizeof acc);
                     else
-                        memcpy(dst, &acc, sizeof(float) * n);
+                        store_part8(dst, acc, n);
                 }
             }
     }
@@ -818,11 +854,7 @@ static inline __attribute__((always_inline)) void conv1_weight_grad_k(const floa
             const float *go = gz + ((long)o * B + b) * Ho * Wo;
             for (int i = 0; i < Ho; i++)
                 for (int j = 0; j < Wo; j += 8) {
-                    v8f g = {0};
-                    if (Wo - j >= 8)
-                        g = load8(go + (long)i * Wo + j);
-                    else
-                        memcpy(&g, go + (long)i * Wo + j, sizeof(float) * (Wo - j));
+                    const v8f g = Wo - j >= 8 ? load8(go + (long)i * Wo + j) : load_part8(go + (long)i * Wo + j, Wo - j);
                     for (int t = 0; t < T; t++)
                         acc[t] += g * load8(xp + (long)(i + t / k) * xs + j + t % k);
                 }
