@@ -80,6 +80,67 @@ void cl_random_bytes(uint8_t *out, long n, uint64_t seed)
 
 typedef float v8f __attribute__((vector_size(32))); /* GCC/Clang vector extension: 8 floats */
 typedef float v4f __attribute__((vector_size(16)));
+typedef int v8i __attribute__((vector_size(32))); /* comparisons of v8f give v8i lanes of -1 or 0 */
+typedef int v4i __attribute__((vector_size(16)));
+
+/* bytes (or 16-bit draws) to int lanes and back, for 0..255 values: SSE4.1/AVX2 instructions
+ * where the compiler targets them (its __builtin_convertvector became one scalar move per
+ * lane here), else a loop per lane */
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline v8i widen8_u8(const uint8_t *p) { return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline v8i widen8_u16(const uint16_t *p) { return (v8i)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline v4i widen4_u8(const uint8_t *p)
+{
+    int w;
+    memcpy(&w, p, sizeof w);
+    return (v4i)_mm_cvtepu8_epi32(_mm_cvtsi32_si128(w));
+}
+static inline void narrow8_u8(uint8_t *p, v8i v)
+{
+    const __m256i x = (__m256i)v;
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(w, w));
+}
+static inline void narrow4_u8(uint8_t *p, v4i v)
+{
+    const __m128i w = _mm_packus_epi32((__m128i)v, (__m128i)v);
+    const int b = _mm_cvtsi128_si32(_mm_packus_epi16(w, w));
+    memcpy(p, &b, sizeof b);
+}
+#else
+static inline v8i widen8_u8(const uint8_t *p)
+{
+    v8i r;
+    for (int l = 0; l < 8; l++)
+        r[l] = p[l];
+    return r;
+}
+static inline v8i widen8_u16(const uint16_t *p)
+{
+    v8i r;
+    for (int l = 0; l < 8; l++)
+        r[l] = p[l];
+    return r;
+}
+static inline v4i widen4_u8(const uint8_t *p)
+{
+    v4i r;
+    for (int l = 0; l < 4; l++)
+        r[l] = p[l];
+    return r;
+}
+static inline void narrow8_u8(uint8_t *p, v8i v)
+{
+    for (int l = 0; l < 8; l++)
+        p[l] = (uint8_t)v[l];
+}
+static inline void narrow4_u8(uint8_t *p, v4i v)
+{
+    for (int l = 0; l < 4; l++)
+        p[l] = (uint8_t)v[l];
+}
+#endif
 
 static inline v8f load8(const float *p)
 {
@@ -331,41 +392,62 @@ static void sum_g_gz(const float *g, const float *z, long n, double *sg, double 
 /* n values of the forward before the ReLU and the pool. With norm, z is first normalised in
  * place, z = (z - mean) * invstd (what backward needs); then t = (z * g + bt) * dropout
  * factor. The factor is `scale` where the unit's draw u < threshold, else 0; m: the n draws
- * (bits 8 or 16), or NULL for no dropout. Returns 0 when every t is finite (else NaN). */
+ * (bits 8 or 16), or NULL for no dropout. Returns 0 when every t is finite (else NaN).
+ * In vectors of 8 (the draws compared as ints, selecting by a lane mask) and a scalar tail,
+ * each value computed alone by the same operations; affine_dropout_k is compiled once per
+ * case with norm, dropout and bits constant. (The compiler's own vectorisation left a scalar
+ * tail of up to 63 values that branched on every random draw: 16 of the 144 values of a
+ * conv2 plane, and a third of this pass's time.) */
+static inline __attribute__((always_inline)) float affine_dropout_k(float *t, float *z, long n, const int norm,
+                                                                     float mean, float invstd, float g, float bt,
+                                                                     const void *m, const int bits, int threshold,
+                                                                     float scale)
+{
+    const uint8_t *u8 = m;
+    const uint16_t *u16 = m;
+    v8f chk = {0};
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f v = load8(z + i);
+        if (norm) {
+            v = (v - mean) * invstd;
+            memcpy(z + i, &v, sizeof v);
+        }
+        v = v * g + bt;
+        if (m) {
+            const v8i u = bits == 8 ? widen8_u8(u8 + i) : widen8_u16(u16 + i);
+            const v8f sv = {scale, scale, scale, scale, scale, scale, scale, scale};
+            v = v * (v8f)((v8i)sv & (u < threshold));
+        }
+        memcpy(t + i, &v, sizeof v);
+        chk += v - v;
+    }
+    float tail = 0.0f;
+    for (; i < n; i++) {
+        float v = z[i];
+        if (norm)
+            z[i] = v = (v - mean) * invstd;
+        v = v * g + bt;
+        if (m)
+            v *= (int)(bits == 8 ? u8[i] : u16[i]) < threshold ? scale : 0.0f;
+        t[i] = v;
+        tail += v - v;
+    }
+    for (int l = 0; l < 8; l++)
+        tail += chk[l];
+    return tail;
+}
+
 static float affine_dropout(float *t, float *z, long n, int norm, float mean, float invstd, float g, float bt,
                             const void *m, int bits, int threshold, float scale)
 {
-    float chk = 0.0f;
-    const uint8_t *u8 = m;
-    const uint16_t *u16 = m;
-    if (norm) {
-#pragma omp simd
-        for (long i = 0; i < n; i++)
-            z[i] = (z[i] - mean) * invstd;
-    }
-    if (!m) {
-#pragma omp simd reduction(+ : chk)
-        for (long i = 0; i < n; i++) {
-            float v = z[i] * g + bt;
-            t[i] = v;
-            chk += v - v;
-        }
-    } else if (bits == 8) {
-#pragma omp simd reduction(+ : chk)
-        for (long i = 0; i < n; i++) {
-            float v = (z[i] * g + bt) * ((int)u8[i] < threshold ? scale : 0.0f);
-            t[i] = v;
-            chk += v - v;
-        }
-    } else {
-#pragma omp simd reduction(+ : chk)
-        for (long i = 0; i < n; i++) {
-            float v = (z[i] * g + bt) * ((int)u16[i] < threshold ? scale : 0.0f);
-            t[i] = v;
-            chk += v - v;
-        }
-    }
-    return chk;
+#define AD(NORM, M, BITS) affine_dropout_k(t, z, n, NORM, mean, invstd, g, bt, M, BITS, threshold, scale)
+    if (!m)
+        return norm ? AD(1, NULL, 8) : AD(0, NULL, 8);
+    if (bits == 8)
+        return norm ? AD(1, m, 8) : AD(0, m, 8);
+    return norm ? AD(1, m, 16) : AD(0, m, 16);
+#undef AD
 }
 
 /* g *= dropout factor, for n values with draws m */
@@ -390,10 +472,6 @@ static void mask_grad(float *g, long n, const void *m, int bits, int threshold, 
  * before: each window's result is computed alone, so a window computed twice is written twice
  * with the same value, and no scalar loop tail is left (rows of 14 and 6 windows in the lab,
  * where a scalar tail took most of the time). */
-typedef int v8i __attribute__((vector_size(32)));
-typedef int v4i __attribute__((vector_size(16)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
-typedef uint8_t v4b __attribute__((vector_size(4)));
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_shufflevector)
 #define HAS_SHUFFLEVECTOR 1
@@ -411,10 +489,10 @@ typedef uint8_t v4b __attribute__((vector_size(4)));
 #define SHUF4(a, b, ...) __builtin_shuffle(a, b, (v4i){__VA_ARGS__})
 #endif
 
-/* POOL2_KERNELS(n, vf, vi, vb, SHUF, even, odd, lo, hi) defines pool2_fwd_<n> and
+/* POOL2_KERNELS(n, vf, vi, SHUF, even, odd, lo, hi) defines pool2_fwd_<n> and
  * pool2_bwd_<n>: even/odd pick the even and odd lanes of two vectors, lo/hi interleave two
  * vectors' first and second halves. */
-#define POOL2_KERNELS(n, vf, vi, vb, SHUF, EVEN, ODD, LO, HI)                                                    \
+#define POOL2_KERNELS(n, vf, vi, SHUF, EVEN, ODD, LO, HI)                                                        \
     static inline vf sel_##n(vi m, vf x, vf y) { return (vf)(((vi)x & m) | ((vi)y & ~m)); }                   \
     /* windows [j, j + n) of the row pair r0, r1: outputs to o, winners' places to g (or NULL) */             \
     static inline void pool2_fwd_##n(const float *r0, const float *r1, int j, float *o, uint8_t *g)           \
@@ -434,18 +512,15 @@ typedef uint8_t v4b __attribute__((vector_size(4)));
         memcpy(o + j, &out, sizeof out);                                                                       \
         if (g) {                                                                                               \
             const vi place = (lower & (2 - i1)) | (~lower & -i0);                                              \
-            const vb w = __builtin_convertvector((place & pos) | (NO_GRAD & ~pos), vb);                        \
-            memcpy(g + j, &w, sizeof w);                                                                       \
+            narrow##n##_u8(g + j, (place & pos) | (NO_GRAD & ~pos));                                           \
         }                                                                                                      \
     }                                                                                                          \
     /* the gradient of windows [j, j + n): go's values at their winners' places in r0, r1, else 0 */        \
     static inline void pool2_bwd_##n(const float *go, const uint8_t *ap, int j, float *r0, float *r1)        \
     {                                                                                                          \
         vf gv;                                                                                                 \
-        vb ab;                                                                                                 \
         memcpy(&gv, go + j, sizeof gv);                                                                        \
-        memcpy(&ab, ap + j, sizeof ab);                                                                        \
-        const vi a = __builtin_convertvector(ab, vi);                                                          \
+        const vi a = widen##n##_u8(ap + j);                                                                    \
         const vf zero = {0};                                                                                   \
         const vf w0 = sel_##n(a == 0, gv, zero), w1 = sel_##n(a == 1, gv, zero);                               \
         const vf w2 = sel_##n(a == 2, gv, zero), w3 = sel_##n(a == 3, gv, zero);                               \
@@ -456,9 +531,9 @@ typedef uint8_t v4b __attribute__((vector_size(4)));
         memcpy(r1 + 2 * j + n, &t1, sizeof t1);                                                                \
     }
 
-POOL2_KERNELS(8, v8f, v8i, v8b, SHUF8, (0, 2, 4, 6, 8, 10, 12, 14), (1, 3, 5, 7, 9, 11, 13, 15),
+POOL2_KERNELS(8, v8f, v8i, SHUF8, (0, 2, 4, 6, 8, 10, 12, 14), (1, 3, 5, 7, 9, 11, 13, 15),
               (0, 8, 1, 9, 2, 10, 3, 11), (4, 12, 5, 13, 6, 14, 7, 15))
-POOL2_KERNELS(4, v4f, v4i, v4b, SHUF4, (0, 2, 4, 6), (1, 3, 5, 7), (0, 4, 1, 5), (2, 6, 3, 7))
+POOL2_KERNELS(4, v4f, v4i, SHUF4, (0, 2, 4, 6), (1, 3, 5, 7), (0, 4, 1, 5), (2, 6, 3, 7))
 
 /* one window, scalar: for rows of fewer than 4 windows */
 static inline void pool2_fwd_1(const float *r0, const float *r1, int j, float *o, uint8_t *g)
