@@ -851,6 +851,31 @@ def test_a_wrong_sgemm_fails_the_check(lib):
         assert "step in C with torch's BLAS" in native.describe()  # what result.json records
 
 
+@pytest.mark.parametrize("ta, M, K, N", [(0, 12, 54, 7200), (0, 24, 108, 800), (1, 54, 12, 3600), (1, 108, 24, 400),
+                                         (0, 5, 9, 45), (1, 7, 3, 17), (0, 13, 256, 33), (1, 1, 1, 1)])
+def test_the_short_k_kernel_multiplies_within_the_rounding_of_a_dot_product(lib, ta, M, K, N):
+    """gemm_small_k (the conv products of short K: z = W cols and dcols = W^T gz) against an
+    exact product in double: every element within K units of float rounding of sum |a||b| (a
+    chain of K fused multiply-adds); rows past a multiple of the 6-row tile, columns past a
+    multiple of the vector, leading dimensions wider than the product, nothing written past
+    its columns; K above 256 refused (those go to BLAS)."""
+    if lib.cl_small_k() == 0:
+        pytest.skip("the short-K kernel needs AVX2 + FMA or AVX-512, which this build does not target")
+    torch.manual_seed(M * 1000 + K)
+    w = torch.randn(K, M) if ta else torch.randn(M, K)  # op(A) = w.t() when ta
+    a = w.t() if ta else w
+    b = torch.randn(K, N + 3)[:, :N]
+    c = torch.full((M, N + 5), float("nan"))
+    rc = lib.cl_gemm_small_k(ta, M, N, K, w.data_ptr(), M if ta else K, b.data_ptr(), N + 3, c.data_ptr(), N + 5)
+    assert rc == 0
+    exact = a.double() @ b.double()
+    bound = K * 2.0**-24 * (a.double().abs() @ b.double().abs()) + 1e-30
+    assert ((c[:, :N].double() - exact).abs() <= bound).all()
+    assert c[:, N:].isnan().all()
+    big = torch.zeros(2, 257)
+    assert lib.cl_gemm_small_k(0, 2, 1, 257, big.data_ptr(), 257, big.data_ptr(), 1, c.data_ptr(), 1) == -1
+
+
 @pytest.mark.parametrize("case", ["lab2-3c3f-bn-1x28x28-b50", "nopool-then-pool-16bit", "rgb-pool3", "fc-only"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_c_forward_without_autograd_equals_torch_modules(lib, sgemm, spy, monkeypatch, case, mode):

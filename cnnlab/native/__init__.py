@@ -54,6 +54,8 @@ SIGNATURES = {  # name: argument types (restype None), or (argument types, resty
     "cl_set_blas_threads": [_P],
     "cl_adam": [_I, _P, _P, _P, _P, _P, _P, _D, _D, _D, _D, _I],
     "cl_layout": ([_I, _P, _I], _I),
+    "cl_small_k": ([], _I),
+    "cl_gemm_small_k": ([_I, _I, _I, _I, _P, _I, _P, _I, _P, _I], _I),
 }
 
 # kernels.c's structs, mirrored with ctypes. The field names in kernels.c's order, which is also
@@ -307,4 +309,6 @@ def describe() -> str:
         par = f"1 thread (built without OpenMP: {_openmp_status})"
     else:
         par = f"{n} thread{'s' if n != 1 else ''} (OpenMP)"
-    return f"{_status[:-1]}; step in C with {_sgemm_status}; {par})"
+    vec = library().cl_small_k()
+    small = f"; conv products of short K in C ({vec}-wide FMA)" if vec else ""
+    return f"{_status[:-1]}; step in C with {_sgemm_status}{small}; {par})"
