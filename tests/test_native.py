@@ -876,6 +876,25 @@ def test_the_short_k_kernel_multiplies_within_the_rounding_of_a_dot_product(lib,
     assert lib.cl_gemm_small_k(0, 2, 1, 257, big.data_ptr(), 257, big.data_ptr(), 1, c.data_ptr(), 1) == -1
 
 
+@pytest.mark.parametrize("M, N, K", [(12, 54, 7200), (24, 108, 3600), (6, 9, 39200), (5, 7, 37), (1, 1, 3), (4, 4, 16)])
+def test_the_weight_gradient_kernel_multiplies_within_the_rounding_of_a_dot_product(lib, M, N, K):
+    """gemm_dot (a conv's weight gradient, C = A B^T along a long K) against an exact product
+    in double: within (K + 16) units of float rounding of sum |a||b| (lane chains, the lanes'
+    sum, the tail); tiles past M and N, K not a multiple of the vector, leading dimensions
+    wider than K."""
+    if lib.cl_small_k() == 0:
+        pytest.skip("the conv kernels need AVX2 + FMA or AVX-512, which this build does not target")
+    torch.manual_seed(M * 7 + N * 3 + K)
+    a = torch.randn(M, K + 2)[:, :K]
+    b = torch.randn(N, K + 5)[:, :K]
+    c = torch.full((M, N + 1), float("nan"))
+    assert lib.cl_gemm_dot(M, N, K, a.data_ptr(), K + 2, b.data_ptr(), K + 5, c.data_ptr(), N + 1) == 0
+    exact = a.double() @ b.double().t()
+    bound = (K + 16) * 2.0**-24 * (a.double().abs() @ b.double().abs().t()) + 1e-30
+    assert ((c[:, :N].double() - exact).abs() <= bound).all()
+    assert c[:, N:].isnan().all()
+
+
 @pytest.mark.parametrize("case", ["lab2-3c3f-bn-1x28x28-b50", "nopool-then-pool-16bit", "rgb-pool3", "fc-only"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_c_forward_without_autograd_equals_torch_modules(lib, sgemm, spy, monkeypatch, case, mode):

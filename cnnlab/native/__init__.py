@@ -56,6 +56,7 @@ SIGNATURES = {  # name: argument types (restype None), or (argument types, resty
     "cl_layout": ([_I, _P, _I], _I),
     "cl_small_k": ([], _I),
     "cl_gemm_small_k": ([_I, _I, _I, _I, _P, _I, _P, _I, _P, _I], _I),
+    "cl_gemm_dot": ([_I, _I, _I, _P, _I, _P, _I, _P, _I], _I),
 }
 
 # kernels.c's structs, mirrored with ctypes. The field names in kernels.c's order, which is also
@@ -310,5 +311,5 @@ def describe() -> str:
     else:
         par = f"{n} thread{'s' if n != 1 else ''} (OpenMP)"
     vec = library().cl_small_k()
-    small = f"; conv products of short K in C ({vec}-wide FMA)" if vec else ""
+    small = f"; conv products in C ({vec}-wide FMA)" if vec else ""
     return f"{_status[:-1]}; step in C with {_sgemm_status}{small}; {par})"

@@ -1112,18 +1112,23 @@ static void gemm_team(const team *tm, cl_sgemm_fn f, int ta, int tb, int M, int 
     }
 }
 
-/* ---- the conv products with a short K
+/* ---- the conv products, in C
  *
  * A conv's forward (z = W cols: M = output channels, K = C*k*k) and its input columns' gradient
  * (dcols = W^T gz: M = C*k*k, K = output channels) have a short K (54-108 and 12-24 in the
  * lab) and thousands of columns. For these, MKL computed each element as one chain of fused
- * multiply-adds over k from 0, in order, and so does this kernel: its results equal MKL's
- * bit for bit (tests/test_native.py checks against torch.mm), at 2-2.7x its speed here
- * (MKL spent much of these products packing and zeroing; with K this short there is nothing
- * to gain from packing). A register tile of SK_MR rows x 2 vectors of columns: each step of
- * k loads two vectors of B and broadcasts SK_MR elements of A. Built where the compiler
- * targets FMA (AVX2 + FMA, or AVX-512); elsewhere, and for K > SK_KMAX, the products go to
- * BLAS as the others do. */
+ * multiply-adds over k from 0, in order, and so does gemm_small_k: its results equal MKL's
+ * bit for bit here (the lab's state hashes are unchanged), at 2-2.7x its speed (MKL spent much
+ * of these products packing and zeroing; with K this short there is nothing to gain from
+ * packing). A register tile of SK_MR rows x 2 vectors of columns: each step of k loads two
+ * vectors of B and broadcasts SK_MR elements of A.
+ *
+ * The weight gradient (dW = gz cols^T: K = the images' columns, thousands) is gemm_dot: dot
+ * products along K in vector lanes, the lanes then added. MKL ran at a third of its speed; its
+ * sums are ordered differently, so this rounds differently from MKL (the same math).
+ *
+ * Built where the compiler targets FMA (AVX2 + FMA, or AVX-512); elsewhere, and for K >
+ * SK_KMAX in gemm_small_k, the products go to BLAS as the others do. */
 #if defined(__AVX512F__)
 #define SK_VEC 16
 typedef __m512 skv;
@@ -1196,6 +1201,56 @@ static void gemm_small_k(int ta, int M, int N, int K, const float *A, int lda, c
             C[(long)m * ldc + j] = acc;
         }
 }
+
+/* row-major C[M][N] = A B^T for a long K: A [M][lda], B [N][ldb], both along K: each element
+ * a dot product in SK_VEC lanes (a chain of FMAs per lane over k = lane, lane + SK_VEC, ...),
+ * the lanes then added, then the last K % SK_VEC terms; a register tile of DOT_T x DOT_T
+ * elements per step of k. The conv weight gradients (M = output channels, N = C*k*k, K = the
+ * images' columns), where MKL ran at a third of this speed. */
+#define DOT_T 4
+static inline float lanes_sum(skv v)
+{
+    float l[SK_VEC];
+    memcpy(l, &v, sizeof l);
+    float s = 0.0f;
+    for (int i = 0; i < SK_VEC; i++)
+        s += l[i];
+    return s;
+}
+
+static void gemm_dot(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
+{
+    const int Kv = K - K % SK_VEC;
+    for (int m0 = 0; m0 < M; m0 += DOT_T)
+        for (int n0 = 0; n0 < N; n0 += DOT_T) {
+            const float *a[DOT_T], *b[DOT_T];
+            for (int r = 0; r < DOT_T; r++) {
+                a[r] = A + (long)(m0 + r < M ? m0 + r : M - 1) * lda;
+                b[r] = B + (long)(n0 + r < N ? n0 + r : N - 1) * ldb;
+            }
+            skv acc[DOT_T][DOT_T];
+            for (int r = 0; r < DOT_T; r++)
+                for (int q = 0; q < DOT_T; q++)
+                    acc[r][q] = SK_ZERO();
+            for (int kk = 0; kk < Kv; kk += SK_VEC) {
+                skv av[DOT_T], bv[DOT_T];
+                for (int r = 0; r < DOT_T; r++) {
+                    av[r] = SK_LOAD(a[r] + kk);
+                    bv[r] = SK_LOAD(b[r] + kk);
+                }
+                for (int r = 0; r < DOT_T; r++)
+                    for (int q = 0; q < DOT_T; q++)
+                        acc[r][q] = SK_FMA(av[r], bv[q], acc[r][q]);
+            }
+            for (int r = 0; r < DOT_T && m0 + r < M; r++)
+                for (int q = 0; q < DOT_T && n0 + q < N; q++) {
+                    float s = lanes_sum(acc[r][q]);
+                    for (int kk = Kv; kk < K; kk++)
+                        s = fmaf(a[r][kk], b[q][kk], s);
+                    C[(long)(m0 + r) * ldc + n0 + q] = s;
+                }
+        }
+}
 #endif
 
 /* The short-K kernel's vector width in floats (16 with AVX-512, 8 with AVX2 + FMA), 0 where it
@@ -1207,6 +1262,20 @@ int cl_small_k(void)
 #else
     return 0;
 #endif
+}
+
+/* gemm_dot called alone (for tests): 0, or -1 where it is not built */
+int cl_gemm_dot(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
+{
+#ifdef SK_VEC
+    if (M > 0 && N > 0 && K >= 0) {
+        gemm_dot(M, N, K, A, lda, B, ldb, C, ldc);
+        return 0;
+    }
+#else
+    (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc;
+#endif
+    return -1;
 }
 
 /* gemm_small_k called alone (for tests): 0, or -1 where it is not built or K > SK_KMAX */
@@ -1647,6 +1716,11 @@ static void step_team(const team *tm, int nb, cl_block *blk, void **ptrs, const 
         if (P[P_DWEIGHT] && L->direct)
             conv1_weight_grad(xcm, L->gz, L->O, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, xpad,
                               sc->dwt + sc->dwt_n * tm->t, ilo, ihi);
+#ifdef SK_VEC
+        else if (P[P_DWEIGHT])
+            gemm_dot(L->O, CK, (int)n_own, L->gz + i0, N, L->cols + i0, N,
+                     tm->nt == 1 ? P[P_DWEIGHT] : sc->dwp + sc->wmax * tm->t, CK);
+#endif
         else if (P[P_DWEIGHT] && tm->nt == 1)
             gemm(sgemm, 0, 1, L->O, CK, N, L->gz, L->cols, 0, P[P_DWEIGHT]);
         else if (P[P_DWEIGHT])
