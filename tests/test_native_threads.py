@@ -146,7 +146,12 @@ def test_n_threads_match_one_thread(lib, case, threads):
         elif k in noise:
             assert (v - w).abs().max() <= 2 * LR * 6, k
         else:
-            torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
+            # Adam moves an element by about lr a step whatever its gradient's size, so where a
+            # gradient is mostly cancellation (a conv weight's sum over 7,200 columns) a rounding
+            # difference of 1% of it moves the weight by 1% of lr a step: up to 1% of lr per step
+            # is allowed here; the gradients themselves are compared tightly in
+            # test_one_step_gradients_match_one_thread
+            torch.testing.assert_close(w, v, rtol=1e-4, atol=0.01 * LR * 6, msg=k)
 
 
 def test_one_step_gradients_match_one_thread(lib):

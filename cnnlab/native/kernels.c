@@ -1032,10 +1032,11 @@ static void conv1_weight_grad(const float *x, const float *gz, int O, int B, int
  *
  * cl_train_step runs what cnnlab.fastops.train_step runs, in one call: every hidden block
  * forward (im2col, matrix product, cl_block_forward), the output layer, the mean
- * cross-entropy, and every gradient back to the first block. The matrix products go to the
- * BLAS that torch itself uses (its sgemm_, whose address Python passes in), so the
- * arithmetic is the same as torch.mm's; what this saves is the Python and the dispatch
- * around ~100 small calls per step, about a quarter of a step at the lab's sizes.
+ * cross-entropy, and every gradient back to the first block. The fc and output-layer products
+ * go to the BLAS that torch itself uses (its sgemm_, whose address Python passes in); the
+ * conv products to gemm_small_k and gemm_dot where they are built (else to that BLAS too).
+ * What the one call saves is the Python and the dispatch around ~100 small calls per step,
+ * about a quarter of a step at the lab's sizes.
  *
  * Threads (OpenMP, when the library was built with it; `nt` per call, 1 = no threads): one
  * parallel region per call, with a barrier wherever a pass reads what other threads wrote.
