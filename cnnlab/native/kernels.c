@@ -324,73 +324,57 @@ static void col2im_range(const float *cols, float *dx, int C, int B, int H, int 
         }                                                                                                      \
     } while (0)
 
-static inline __attribute__((always_inline)) void im2col_s1p0_k(const float *x, float *cols, int C, int B, int H,
-                                                                int W, int k, int Ho, const int Wo, int b0, int b1)
+/* to_cols: im2col's copy of the images [b0, b1) of img into cols; else col2im's sum of cols
+ * into img (those images' part of img overwritten) */
+static inline __attribute__((always_inline)) void cols_s1p0_k(const int to_cols, float *img, float *cols, int C,
+                                                              int B, int H, int W, int k, int Ho, const int Wo,
+                                                              int b0, int b1)
 {
     const long N = (long)B * Ho * Wo;
+    for (int c = 0; !to_cols && c < C; c++)
+        memset(img + ((long)c * B + b0) * H * W, 0, sizeof(float) * (long)(b1 - b0) * H * W);
     for (int c = 0; c < C; c++)
         for (int kh = 0; kh < k; kh++)
             for (int kw = 0; kw < k; kw++) {
-                float *dst = cols + ((long)(c * k + kh) * k + kw) * N + (long)b0 * Ho * Wo;
+                float *col = cols + ((long)(c * k + kh) * k + kw) * N + (long)b0 * Ho * Wo;
                 for (int b = b0; b < b1; b++) {
-                    const float *src = x + ((long)c * B + b) * H * W + (long)kh * W + kw;
-                    for (int i = 0; i < Ho; i++, dst += Wo, src += W)
-                        copy_row(dst, src, Wo);
+                    float *row = img + ((long)c * B + b) * H * W + (long)kh * W + kw;
+                    for (int i = 0; i < Ho; i++, col += Wo, row += W) {
+                        if (to_cols)
+                            copy_row(col, row, Wo);
+                        else
+                            add_row(row, col, Wo);
+                    }
                 }
             }
 }
 
-static inline __attribute__((always_inline)) void col2im_s1p0_k(const float *cols, float *dx, int C, int B, int H,
-                                                                int W, int k, int Ho, const int Wo, int b0, int b1)
-{
-    const long N = (long)B * Ho * Wo;
-    for (int c = 0; c < C; c++)
-        memset(dx + ((long)c * B + b0) * H * W, 0, sizeof(float) * (long)(b1 - b0) * H * W);
-    for (int c = 0; c < C; c++)
-        for (int kh = 0; kh < k; kh++)
-            for (int kw = 0; kw < k; kw++) {
-                const float *src = cols + ((long)(c * k + kh) * k + kw) * N + (long)b0 * Ho * Wo;
-                for (int b = b0; b < b1; b++) {
-                    float *dst = dx + ((long)c * B + b) * H * W + (long)kh * W + kw;
-                    for (int i = 0; i < Ho; i++, src += Wo, dst += W)
-                        add_row(dst, src, Wo);
-                }
-            }
-}
-
-/* the images [b0, b1) of cl_im2col and cl_col2im */
-static void im2col_images(const float *x, float *cols, int C, int B, int H, int W, int k, int s, int p, int Ho,
-                          int Wo, int b0, int b1)
+/* im2col (to_cols) or col2im for the images [b0, b1): the general versions, or the ones above */
+static void cols_images(int to_cols, float *img, float *cols, int C, int B, int H, int W, int k, int s, int p, int Ho,
+                        int Wo, int b0, int b1)
 {
     if (s != 1 || p != 0) {
-        im2col_range(x, cols, C, B, H, W, k, s, p, Ho, Wo, b0, b1);
+        if (to_cols)
+            im2col_range(img, cols, C, B, H, W, k, s, p, Ho, Wo, b0, b1);
+        else
+            col2im_range(cols, img, C, B, H, W, k, s, p, Ho, Wo, b0, b1);
         return;
     }
-#define IM2COL_CALL(wo) im2col_s1p0_k(x, cols, C, B, H, W, k, Ho, wo, b0, b1)
-    WO_DISPATCH(Wo, IM2COL_CALL);
-#undef IM2COL_CALL
-}
-
-static void col2im_images(const float *cols, float *dx, int C, int B, int H, int W, int k, int s, int p, int Ho,
-                          int Wo, int b0, int b1)
-{
-    if (s != 1 || p != 0) {
-        col2im_range(cols, dx, C, B, H, W, k, s, p, Ho, Wo, b0, b1);
-        return;
-    }
-#define COL2IM_CALL(wo) col2im_s1p0_k(cols, dx, C, B, H, W, k, Ho, wo, b0, b1)
-    WO_DISPATCH(Wo, COL2IM_CALL);
-#undef COL2IM_CALL
+#define COLS_CALL(wo)                                                                                           \
+    (to_cols ? cols_s1p0_k(1, img, cols, C, B, H, W, k, Ho, wo, b0, b1)                                         \
+             : cols_s1p0_k(0, img, cols, C, B, H, W, k, Ho, wo, b0, b1))
+    WO_DISPATCH(Wo, COLS_CALL);
+#undef COLS_CALL
 }
 
 void cl_im2col(const float *x, float *cols, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
 {
-    im2col_images(x, cols, C, B, H, W, k, s, p, Ho, Wo, 0, B);
+    cols_images(1, (float *)x, cols, C, B, H, W, k, s, p, Ho, Wo, 0, B);
 }
 
 void cl_col2im(const float *cols, float *dx, int C, int B, int H, int W, int k, int s, int p, int Ho, int Wo)
 {
-    col2im_images(cols, dx, C, B, H, W, k, s, p, Ho, Wo, 0, B);
+    cols_images(0, dx, (float *)cols, C, B, H, W, k, s, p, Ho, Wo, 0, B);
 }
 
 /* Sums over a channel: float lanes (they vectorise, and several independent ones hide the
@@ -630,6 +614,23 @@ static inline void pool2_bwd_1(const float *go, const uint8_t *ap, int j, float 
     r1[2 * j + 1] = a == 3 ? go[j] : 0.0f;
 }
 
+/* CALL(n, j) for the windows of a row of Wp: vectors of n = 8 from j = 0, the last at Wp - 8
+ * (overlapping), or of 4 for 4-7 windows, or one window at a time below that */
+#define POOL2_ROW(Wp, CALL)                                                                                     \
+    do {                                                                                                       \
+        if ((Wp) >= 8) {                                                                                       \
+            for (int j_ = 0; j_ + 8 < (Wp); j_ += 8)                                                           \
+                CALL(8, j_);                                                                                   \
+            CALL(8, (Wp) - 8);                                                                                 \
+        } else if ((Wp) >= 4) {                                                                                \
+            CALL(4, 0);                                                                                        \
+            CALL(4, (Wp) - 4);                                                                                 \
+        } else {                                                                                               \
+            for (int j_ = 0; j_ < (Wp); j_++)                                                                  \
+                CALL(1, j_);                                                                                   \
+        }                                                                                                      \
+    } while (0)
+
 /* The gradient of pool2_relu for one plane: each window gets its output's gradient at the
  * winning element and 0 elsewhere (go, ap: the pooled plane's gradient and arg). Rows and
  * columns past the last window must be zero already. */
@@ -639,17 +640,9 @@ static void pool2_backward(const float *go, const uint8_t *ap, float *gp, int Wo
         float *r0 = gp + (long)2 * ip * Wo, *r1 = r0 + Wo;
         const float *gi = go + (long)ip * Wp;
         const uint8_t *a = ap + (long)ip * Wp;
-        if (Wp >= 8) {
-            for (int j = 0; j + 8 < Wp; j += 8)
-                pool2_bwd_8(gi, a, j, r0, r1);
-            pool2_bwd_8(gi, a, Wp - 8, r0, r1);
-        } else if (Wp >= 4) {
-            pool2_bwd_4(gi, a, 0, r0, r1);
-            pool2_bwd_4(gi, a, Wp - 4, r0, r1);
-        } else {
-            for (int j = 0; j < Wp; j++)
-                pool2_bwd_1(gi, a, j, r0, r1);
-        }
+#define BWD(n, j) pool2_bwd_##n(gi, a, j, r0, r1)
+        POOL2_ROW(Wp, BWD);
+#undef BWD
     }
 }
 
@@ -662,17 +655,9 @@ static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8
         const float *r0 = v + (long)2 * ip * Wo, *r1 = r0 + Wo;
         float *o = out + (long)ip * Wp;
         uint8_t *g = arg ? arg + (long)ip * Wp : NULL;
-        if (Wp >= 8) {
-            for (int j = 0; j + 8 < Wp; j += 8)
-                pool2_fwd_8(r0, r1, j, o, g);
-            pool2_fwd_8(r0, r1, Wp - 8, o, g);
-        } else if (Wp >= 4) {
-            pool2_fwd_4(r0, r1, 0, o, g);
-            pool2_fwd_4(r0, r1, Wp - 4, o, g);
-        } else {
-            for (int j = 0; j < Wp; j++)
-                pool2_fwd_1(r0, r1, j, o, g);
-        }
+#define FWD(n, j) pool2_fwd_##n(r0, r1, j, o, g)
+        POOL2_ROW(Wp, FWD);
+#undef FWD
     }
 }
 
@@ -1559,7 +1544,7 @@ static const float *forward_team(const team *tm, int nb, cl_block *blk, void **p
         if (L->direct) {
             conv1_forward(h, P[P_WEIGHT], L->z, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, L->O, xpad, ilo, ihi);
         } else {
-            im2col_images(h, L->cols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, ilo, ihi);
+            cols_images(1, (float *)h, L->cols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, ilo, ihi);
             gemm_images(sgemm, 0, L->O, CK, P[P_WEIGHT], L->cols, L->z, B, HW, ilo, ihi);
         }
         /* the batch's statistics, */
@@ -1806,7 +1791,7 @@ static void step_team(const team *tm, int nb, cl_block *blk, void **ptrs, const 
         /* and the input's gradient: these images' columns, then col2im of the same columns */
         if (i > 0) {
             gemm_images(sgemm, 1, CK, L->O, P[P_WEIGHT], L->gz, L->dcols, B, HW, ilo, ihi);
-            col2im_images(L->dcols, prev->gout, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, ilo, ihi);
+            cols_images(0, prev->gout, L->dcols, L->C, B, L->H, L->W, L->k, L->s, L->p, L->Ho, L->Wo, ilo, ihi);
         }
         team_sync(tm);
         /* the threads' parts added in thread order (no barrier after: the next block touches
