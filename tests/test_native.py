@@ -226,15 +226,21 @@ def native_step(net, x, y, seed):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("how", ["autograd", "step", "C step"])
-def test_native_training_step_and_eval_equal_torch_modules(lib, spy, monkeypatch, case, how):
+@pytest.mark.parametrize("how", ["autograd", "step", "C step", "C step, FMA weight gradients"])
+def test_native_training_step_and_eval_equal_torch_modules(lib, spy, monkeypatch, request, case, how):
     """The native net through autograd (forward + loss.backward()), and its hand-written
     training step (Net.native_train_step, what the engine runs) both as calls from Python
-    (fastops.train_step) and as one C call (fastops.TrainStep), against torch's modules."""
+    (fastops.train_step) and as one C call (fastops.TrainStep), against torch's modules; the
+    C step also with the opt-in weight-gradient kernel (CNNLAB_NATIVE_DOT_WGRAD=1)."""
     if how == "step":
         monkeypatch.setattr(model, "FAST_PATHS", model.FAST_PATHS - {"cstep"})
-    elif how == "C step" and native.sgemm() is None:
+    elif how.startswith("C step") and native.sgemm() is None:
         pytest.skip(f"no BLAS sgemm_ in torch's library: {native._sgemm_status}")
+    if how == "C step, FMA weight gradients":
+        if lib.cl_small_k() == 0:
+            pytest.skip("the conv kernels need AVX2 + FMA or AVX-512, which this build does not target")
+        lib.cl_set_dot_wgrad(1)
+        request.addfinalizer(lambda: lib.cl_set_dot_wgrad(0))
     spec, in_shape, batch = CASES[case]
     ref, net = pair(spec, in_shape)
     x, y = data(in_shape, batch)
@@ -242,7 +248,7 @@ def test_native_training_step_and_eval_equal_torch_modules(lib, spy, monkeypatch
     assert not block_kernels(spy)
     out_n, loss_n = (train_step if how == "autograd" else native_step)(net, x, y, seed=5)
     assert native_blocks(spy) >= n_blocks(spec), "the native path did not run"
-    assert ("cl_train_step" in spy) == (how == "C step")
+    assert ("cl_train_step" in spy) == how.startswith("C step")
     assert_close(out_n, out_r, "training output")
     assert_close(loss_n, loss_r, "loss")
 
@@ -838,6 +844,17 @@ def test_without_sgemm_the_step_runs_from_python(lib, spy, monkeypatch):
     x, y = data(in_shape, batch)
     assert net.native_train_step(x, y) is not None
     assert "cl_train_step" not in spy and spy.count("cl_block_forward") == 5
+
+
+def test_the_weight_gradient_kernel_is_opt_in_and_named(lib, monkeypatch):
+    """Off unless CNNLAB_NATIVE_DOT_WGRAD=1 (it rounds differently from BLAS, so a run's
+    numbers would change); when on, the kernels string (result.json, the report) says so."""
+    monkeypatch.delenv("CNNLAB_NATIVE_DOT_WGRAD", raising=False)
+    assert not native.dot_wgrad() and "weight gradients" not in native.describe()
+    monkeypatch.setenv("CNNLAB_NATIVE_DOT_WGRAD", "1")
+    assert native.dot_wgrad()
+    if lib.cl_small_k() and native.sgemm() is not None:
+        assert "weight gradients too (CNNLAB_NATIVE_DOT_WGRAD=1" in native.describe()
 
 
 def test_a_wrong_sgemm_fails_the_check(lib):

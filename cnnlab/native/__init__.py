@@ -57,6 +57,7 @@ SIGNATURES = {  # name: argument types (restype None), or (argument types, resty
     "cl_small_k": ([], _I),
     "cl_gemm_small_k": ([_I, _I, _I, _I, _P, _I, _P, _I, _P, _I], _I),
     "cl_gemm_dot": ([_I, _I, _I, _P, _I, _P, _I, _P, _I], _I),
+    "cl_set_dot_wgrad": [_I],
 }
 
 # kernels.c's structs, mirrored with ctypes. The field names in kernels.c's order, which is also
@@ -177,11 +178,20 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
         check_layouts(lib)
         lib.cl_set_blas_threads(_blas_threads_local())
+        lib.cl_set_dot_wgrad(1 if dot_wgrad() else 0)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"torch (native kernels unavailable: {e})"
         return None
     _lib, _status = lib, f"native ({Path(cc).name} {' '.join(FLAGS[1:3])})"
     return _lib
+
+
+def dot_wgrad() -> bool:
+    """Whether the user asked (CNNLAB_NATIVE_DOT_WGRAD=1) for the conv weight gradients in
+    cnnlab's FMA kernel instead of BLAS: ~10% off a step of the lab's networks, but its sums
+    round differently from BLAS's, so a run's numbers change (the same math). Off by default,
+    so that the engine's numbers stay what they were."""
+    return os.environ.get("CNNLAB_NATIVE_DOT_WGRAD", "0") == "1"
 
 
 def _blas_threads_local() -> int | None:
@@ -312,4 +322,6 @@ def describe() -> str:
         par = f"{n} thread{'s' if n != 1 else ''} (OpenMP)"
     vec = library().cl_small_k()
     small = f"; conv products in C ({vec}-wide FMA)" if vec else ""
+    if vec and dot_wgrad():
+        small += ", weight gradients too (CNNLAB_NATIVE_DOT_WGRAD=1: they round differently from BLAS)"
     return f"{_status[:-1]}; step in C with {_sgemm_status}{small}; {par})"

@@ -1185,9 +1185,11 @@ static void gemm_team(const team *tm, cl_sgemm_fn f, int ta, int tb, int M, int 
  * packing). A register tile of SK_MR rows x 2 vectors of columns: each step of k loads two
  * vectors of B and broadcasts SK_MR elements of A.
  *
- * The weight gradient (dW = gz cols^T: K = the images' columns, thousands) is gemm_dot: dot
- * products along K in vector lanes, the lanes then added. MKL ran at a third of its speed; its
- * sums are ordered differently, so this rounds differently from MKL (the same math).
+ * The weight gradient (dW = gz cols^T: K = the images' columns, thousands) can be gemm_dot:
+ * dot products along K in vector lanes, the lanes then added, ~3x MKL's speed here. Its sums
+ * are ordered differently from MKL's, so it rounds differently (the same math), and a run's
+ * numbers would change: it is off unless the user asks for it (cl_set_dot_wgrad, from
+ * CNNLAB_NATIVE_DOT_WGRAD=1), and the kernels string then says so.
  *
  * Built where the compiler targets FMA (AVX2 + FMA, or AVX-512); elsewhere, and for K >
  * SK_KMAX in gemm_small_k, the products go to BLAS as the others do. */
@@ -1314,6 +1316,12 @@ static void gemm_dot(int M, int N, int K, const float *A, int lda, const float *
         }
 }
 #endif
+
+/* whether the step computes conv weight gradients with gemm_dot (where it is built) rather
+ * than BLAS: set once, when Python loads the library */
+static int dot_wgrad = 0;
+
+void cl_set_dot_wgrad(int on) { dot_wgrad = on; }
 
 /* The short-K kernel's vector width in floats (16 with AVX-512, 8 with AVX2 + FMA), 0 where it
  * is not built */
@@ -1779,7 +1787,7 @@ static void step_team(const team *tm, int nb, cl_block *blk, void **ptrs, const 
             conv1_weight_grad(xcm, L->gz, L->O, B, L->H, L->W, L->k, L->p, L->Ho, L->Wo, xpad,
                               sc->dwt + sc->dwt_n * tm->t, ilo, ihi);
 #ifdef SK_VEC
-        else if (P[P_DWEIGHT])
+        else if (P[P_DWEIGHT] && dot_wgrad)
             gemm_dot(L->O, CK, (int)n_own, L->gz + i0, N, L->cols + i0, N,
                      tm->nt == 1 ? P[P_DWEIGHT] : sc->dwp + sc->wmax * tm->t, CK);
 #endif
