@@ -58,6 +58,7 @@ def _reset(monkeypatch):
     (monkeypatch puts the module's cache back after the test)."""
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_dot_wgrad", native._dot_wgrad)  # put back after the test
 
 
 @pytest.fixture
@@ -846,13 +847,16 @@ def test_without_sgemm_the_step_runs_from_python(lib, spy, monkeypatch):
     assert "cl_train_step" not in spy and spy.count("cl_block_forward") == 5
 
 
-def test_the_weight_gradient_kernel_is_opt_in_and_named(lib, monkeypatch):
-    """Off unless CNNLAB_NATIVE_DOT_WGRAD=1 (it rounds differently from BLAS, so a run's
-    numbers would change); when on, the kernels string (result.json, the report) says so."""
-    monkeypatch.delenv("CNNLAB_NATIVE_DOT_WGRAD", raising=False)
+def test_the_weight_gradient_kernel_is_opt_in_and_named(lib, monkeypatch, request):
+    """Off unless CNNLAB_NATIVE_DOT_WGRAD=1 when the library is loaded (it rounds differently
+    from BLAS, so a run's numbers would change); when on, the kernels string (result.json, the
+    report) says so."""
     assert not native.dot_wgrad() and "weight gradients" not in native.describe()
     monkeypatch.setenv("CNNLAB_NATIVE_DOT_WGRAD", "1")
-    assert native.dot_wgrad()
+    assert "weight gradients" not in native.describe()  # the loaded library's setting, not the environment's
+    request.addfinalizer(lambda: lib.cl_set_dot_wgrad(0))  # the same library stays loaded for the next tests
+    _reset(monkeypatch)
+    assert native.library() is not None and native.dot_wgrad()
     if lib.cl_small_k() and native.sgemm() is not None:
         assert "weight gradients too (CNNLAB_NATIVE_DOT_WGRAD=1" in native.describe()
 

@@ -20,6 +20,11 @@ CNNLAB_NATIVE_OPENMP=0 (a separate library in the cache), the library is built w
 and the step runs one thread; describe() says so. A thread count gives the same numbers run
 after run; N threads against one: docs/performance.md (issue 18) and
 tests/test_native_threads.py.
+
+Products: the fc blocks' and the output layer's go to torch's BLAS (sgemm()); a conv block's
+forward and input-column products to the library's own FMA kernel where the compiler
+targets FMA (the same bits as MKL's); its weight gradient to BLAS too, unless
+CNNLAB_NATIVE_DOT_WGRAD=1 (dot_wgrad(): faster, rounded differently, named in describe()).
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ STRUCTS = {0: ("cl_block", CBlock, BLOCK_FIELDS), 1: ("cl_adam_args", AdamArgs, 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None
 _openmp_status: str | None = None  # why the library has no OpenMP, or None when it has
+_dot_wgrad = False  # whether the loaded library computes conv weight gradients in its own kernel
 _threads: int | None = None  # set_threads(): None follows torch.get_num_threads()
 
 
@@ -149,7 +155,7 @@ def _build(cc: str, force: bool = False, openmp: bool = False) -> Path:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, building them if needed; None when they cannot be had (see describe())."""
-    global _lib, _status, _openmp_status
+    global _lib, _status, _openmp_status, _dot_wgrad
     if _status is not None:
         return _lib
     if os.environ.get("CNNLAB_NATIVE", "1") == "0":
@@ -178,11 +184,12 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
         check_layouts(lib)
         lib.cl_set_blas_threads(_blas_threads_local())
-        lib.cl_set_dot_wgrad(1 if dot_wgrad() else 0)
+        dot = dot_wgrad()
+        lib.cl_set_dot_wgrad(1 if dot else 0)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"torch (native kernels unavailable: {e})"
         return None
-    _lib, _status = lib, f"native ({Path(cc).name} {' '.join(FLAGS[1:3])})"
+    _lib, _status, _dot_wgrad = lib, f"native ({Path(cc).name} {' '.join(FLAGS[1:3])})", dot
     return _lib
 
 
@@ -322,6 +329,6 @@ def describe() -> str:
         par = f"{n} thread{'s' if n != 1 else ''} (OpenMP)"
     vec = library().cl_small_k()
     small = f"; conv products in C ({vec}-wide FMA)" if vec else ""
-    if vec and dot_wgrad():
+    if vec and _dot_wgrad:
         small += ", weight gradients too (CNNLAB_NATIVE_DOT_WGRAD=1: they round differently from BLAS)"
     return f"{_status[:-1]}; step in C with {_sgemm_status}{small}; {par})"
