@@ -847,11 +847,15 @@ def test_without_sgemm_the_step_runs_from_python(lib, spy, monkeypatch):
     assert "cl_train_step" not in spy and spy.count("cl_block_forward") == 5
 
 
-def test_the_weight_gradient_kernel_is_opt_in_and_named(lib, monkeypatch, request):
+def test_the_weight_gradient_kernel_is_opt_in_and_named(lib, monkeypatch, request, capsys):
     """Off unless CNNLAB_NATIVE_DOT_WGRAD=1 when the library is loaded (it rounds differently
     from BLAS, so a run's numbers would change); when on, the kernels string (result.json, the
     report) says so."""
     assert not native.dot_wgrad() and "weight gradients" not in native.describe()
+    monkeypatch.setenv("CNNLAB_NATIVE_DOT_WGRAD", "yes")
+    assert not native.dot_wgrad()
+    err = capsys.readouterr().err
+    assert err == "cnnlab: CNNLAB_NATIVE_DOT_WGRAD='yes' is neither 0 nor 1: the weight-gradient kernel stays off\n"
     monkeypatch.setenv("CNNLAB_NATIVE_DOT_WGRAD", "1")
     assert "weight gradients" not in native.describe()  # the loaded library's setting, not the environment's
     request.addfinalizer(lambda: lib.cl_set_dot_wgrad(0))  # the same library stays loaded for the next tests

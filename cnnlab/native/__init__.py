@@ -35,6 +35,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -197,8 +198,13 @@ def dot_wgrad() -> bool:
     """Whether the user asked (CNNLAB_NATIVE_DOT_WGRAD=1) for the conv weight gradients in
     cnnlab's FMA kernel instead of BLAS: ~10% off a step of the lab's networks, but its sums
     round differently from BLAS's, so a run's numbers change (the same math). Off by default,
-    so that the engine's numbers stay what they were."""
-    return os.environ.get("CNNLAB_NATIVE_DOT_WGRAD", "0") == "1"
+    so that the engine's numbers stay what they were; a value other than 0 or 1 leaves it off
+    and says so once."""
+    value = os.environ.get("CNNLAB_NATIVE_DOT_WGRAD", "0").strip()
+    if value not in ("", "0", "1"):
+        print(f"cnnlab: CNNLAB_NATIVE_DOT_WGRAD={value!r} is neither 0 nor 1: the weight-gradient kernel stays off",
+              file=sys.stderr)
+    return value == "1"
 
 
 def _blas_threads_local() -> int | None:
