@@ -294,7 +294,7 @@ def _block_forward(x, weight, bias, gamma, beta, parts, mask, lib, grad: bool):
         mask = mask.view(B, O, -1).transpose(0, 1).contiguous()
     batch_stats = bn is not None and bn.training
     invstd = torch.empty(O) if bn is not None else None
-    tmp = torch.empty(2 * Ho * Wo)
+    tmp = torch.empty(Ho * Wo)
     bits, thr, scale = (drop.bits, drop.threshold, drop.scale) if mask is not None else (8, 0, 0.0)
     lib.cl_block_forward(
         z.data_ptr(), O, B, Ho, Wo, _ptr(bias), _ptr(gamma), _ptr(beta),
@@ -508,7 +508,7 @@ class TrainStep:
                 shape = (O, Ho // pk, Wo // pk) if pk else (O, Ho, Wo)
             n_out = O * B * (shape[1] * shape[2] if len(shape) == 3 else 1)
             N = B * d["Ho"] * d["Wo"]
-            tmp_n = max(tmp_n, 2 * d["Ho"] * d["Wo"])
+            tmp_n = max(tmp_n, d["Ho"] * d["Wo"])
             bufs.update(z=self._buf(O * N), gz=bw(O * N), out=self._buf(n_out), gout=bw(n_out),
                         arg=bw(n_out, torch.uint8), invstd=self._buf(O))
             drop = parts.drop

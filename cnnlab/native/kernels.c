@@ -679,7 +679,7 @@ static void pool2_relu(const float *v, int Wo, int Hp, int Wp, float *out, uint8
  * arg      NULL, or one byte per output: the winning element's place in its window (0 without
  *          a pool), or NO_GRAD where the ReLU's output is <= 0 (a NaN gets its gradient, as in
  *          torch). Backward needs it. So pool * pool must be below NO_GRAD (the caller checks).
- * tmp      scratch of 2*Ho*Wo floats.
+ * tmp      scratch of Ho*Wo floats.
  */
 static void block_forward_ch(float *z, int O, int B, int Ho, int Wo, const float *bias, const float *gamma,
                              const float *beta, float *run_mean, float *run_var, int batch_stats, double momentum,
@@ -722,7 +722,7 @@ static void bn_norm(int batch_stats, double mean_z, double ss, long n, float bo,
  * known: zc (the channel's z, [B][Ho][Wo]) normalised in place, (zc - mf) * isf, with norm, or
  * plus the bias bo with add_bias; then gamma * zhat + beta (g, bt), the dropout factor (mc:
  * the channel's draws, or NULL), ReLU and the pool, into oc and ac (the channel's out and arg;
- * ac may be NULL). tmp: 2*Ho*Wo floats. Each value is computed alone, so any split of the
+ * ac may be NULL). tmp: Ho*Wo floats. Each value is computed alone, so any split of the
  * images gives the same numbers. */
 static void channel_forward(float *zc, int B, int Ho, int Wo, int norm, float mf, float isf, float g, float bt,
                             int add_bias, float bo, const uint8_t *mc, int mask_bits, int threshold, float scale,
@@ -1426,7 +1426,7 @@ static void mask_to_cm(const uint8_t *raw, uint8_t *cm, int B, long unit, int O,
             memcpy(cm + ((long)o * B + b) * unit, raw + ((long)b * O + o) * unit, unit);
 }
 
-/* The scratch of a call. Per thread: tmp (2*Ho*Wo floats of the largest block) and the
+/* The scratch of a call. Per thread: tmp (Ho*Wo floats of the largest block) and the
  * direct first conv's padded plane. Shared, each thread writing its own row, the others
  * reading after a barrier: part, each conv block's per-thread sums over the thread's images
  * (PARTS per channel: [block][thread][PARTS][omax]); dwp, each thread's part of a conv
@@ -1448,8 +1448,8 @@ static int scratch_alloc(scratch *s, int nb, const cl_block *blk, int nt)
     s->omax = s->wmax = 1;
     for (int i = 0; i < nb; i++) {
         const cl_block *L = &blk[i];
-        if (2L * L->Ho * L->Wo > s->tmp_n)
-            s->tmp_n = 2L * L->Ho * L->Wo;
+        if ((long)L->Ho * L->Wo > s->tmp_n)
+            s->tmp_n = (long)L->Ho * L->Wo;
         if (!L->fc && L->O > s->omax)
             s->omax = L->O;
         if (!L->fc && (long)L->O * L->C * L->k * L->k > s->wmax)
